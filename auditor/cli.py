@@ -1,0 +1,253 @@
+"""Command-line interface: thin commands that parse, call the pipeline, map errors.
+
+Exit codes: 0 the audit ran and nothing was flagged (always for ``demo``);
+1 the audit ran and neurons were flagged (``--fail-on-flag``, on by default for
+``run``); 2 the audit could not run, with one line on stderr naming the bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import AuditorError
+
+EXIT_OK, EXIT_FLAGGED, EXIT_ERROR = 0, 1, 2
+
+
+def _err(msg: str) -> None:
+    print(f"auditor: error: {msg}", file=sys.stderr, flush=True)
+
+
+def _info(msg: str) -> None:
+    print(f"auditor: {msg}", file=sys.stderr, flush=True)
+
+
+# -- config fields as flags -------------------------------------------------------
+
+def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    from .config import FIELDS
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    sections = {
+        "model": "model", "weights": "model", "layer": "model",
+        "resize": "preprocessing", "crop": "preprocessing", "mean": "preprocessing", "std": "preprocessing",
+        "normalize": "preprocessing",
+        "images": "probe data", "labels": "probe data", "artifacts": "probe data", "on_bad_image": "probe data",
+        "length": "INVERT search", "beam": "INVERT search", "min_fraction": "INVERT search",
+        "max_fraction": "INVERT search", "limit_search": "INVERT search", "heldout": "INVERT search",
+        "seed": "INVERT search", "bootstrap": "INVERT search",
+        "flag_max_p": "flagging", "flag_min_auroc": "flagging", "artifact_auroc": "flagging",
+        "flag_margin": "flagging", "fail_on_flag": "flagging",
+    }
+    for name, info in FIELDS.items():
+        if name in skip:
+            continue
+        section = sections.get(name, "collection and output")
+        group = groups.setdefault(section, parser.add_argument_group(section))
+        flag = "--" + name.replace("_", "-")
+        default = info.default
+        helptext = (info.description or "") + (f" (default: {_show(default)})" if default not in (None, ()) else "")
+        ann = info.annotation
+        if ann is bool and name.startswith("no_"):
+            group.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=helptext)
+            continue
+        if ann is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=helptext)
+            continue
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": helptext, "metavar": name.upper()}
+        base = _base_type(ann)
+        if typing.get_origin(base) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(base))
+            kwargs.pop("metavar")
+        elif base in (int, float):
+            kwargs["type"] = base
+        group.add_argument(flag, **kwargs)
+
+
+def _base_type(ann: Any) -> Any:
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if typing.get_origin(ann) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return args[0]
+    return ann
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    from .config import FIELDS
+
+    return {k: v for k, v in vars(ns).items() if k in FIELDS and v is not None}
+
+
+# -- commands ------------------------------------------------------------------------
+
+def _finish(result, written: dict[str, Path], fail_on_flag: bool) -> int:
+    summary = result.summary()
+    for art, info in summary.items():
+        flagged = [f"{layer}#{idx}" for layer, idx in info["flagged"]]
+        sens = len(info["sensitive"])
+        verdict = f"{len(flagged)} neuron(s) flagged" + (f" ({', '.join(flagged[:8])}{' …' if len(flagged) > 8 else ''})"
+                                                         if flagged else "")
+        _info(f"{art}: {verdict}; {sens} artifact-sensitive")
+    if "html" in written:
+        _info(f"report: {written['html']}")
+    for fmt, path in written.items():
+        if fmt != "html":
+            _info(f"{fmt}: {path}")
+    if fail_on_flag and result.n_flagged:
+        return EXIT_FLAGGED
+    return EXIT_OK
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipeline import run_audit, write_outputs
+
+    cfg = load_config(ns.config, _overrides(ns))
+    result = run_audit(cfg, progress=not ns.quiet)
+    written = write_outputs(result, cfg.out, cfg.formats)
+    return _finish(result, written, cfg.fail_on_flag)
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from .demo.run import demo_config
+    from .pipeline import run_audit, write_outputs
+
+    cfg = demo_config(out=ns.out, device=ns.device, cache_dir=ns.cache_dir, n_images=ns.images,
+                      formats=ns.formats, log=_info)
+    result = run_audit(cfg, progress=not ns.quiet)
+    written = write_outputs(result, cfg.out, cfg.formats)
+    _finish(result, written, fail_on_flag=False)
+    return EXIT_OK
+
+
+def cmd_layers(ns: argparse.Namespace) -> int:
+    import torch
+
+    from .models import layer_shapes, load_model
+
+    loaded = load_model(ns.model, ns.weights)
+    size = ns.input_size or loaded.default_preprocessing.crop or 224
+    sample = torch.zeros(1, 3, size, size)
+    rows = layer_shapes(loaded.module, sample)
+    width = max((len(n) for n, _, _ in rows), default=10)
+    tw = max((len(t) for _, t, _ in rows), default=10)
+    print(f"# {loaded.spec}: output shapes for one {3}x{size}x{size} input (per sample)")
+    for name, typ, shape in rows:
+        shown = "×".join(str(s) for s in shape) if shape else "-"
+        print(f"{name:<{width}}  {typ:<{tw}}  {shown}")
+    return EXIT_OK
+
+
+def cmd_render(ns: argparse.Namespace) -> int:
+    from .pipeline import write_outputs
+    from .results import AuditResult
+
+    result = AuditResult.load(ns.results)
+    formats = tuple(f for f in ns.formats.split(",") if f) if ns.formats else ("html", "pdf", "csv", "junit")
+    written = write_outputs(result, ns.out, formats)
+    for fmt, path in written.items():
+        _info(f"{fmt}: {path}")
+    return EXIT_OK
+
+
+def cmd_explain(ns: argparse.Namespace) -> int:
+    from .explain_cli import run_explain
+
+    return run_explain(ns)
+
+
+# -- parser ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="auditor",
+        description="Audit a trained PyTorch image model neuron by neuron: INVERT explanations, "
+                    "artifact (Clever Hans) flags, HTML/PDF reports.")
+    parser.add_argument("--version", action="version", version=f"auditor {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="audit the embedded demo model (no inputs needed) and write a report",
+                       description="Build the embedded demo (a small CNN with a planted watermark shortcut and a "
+                                   "synthetic probe set with artifact concepts), audit it and write the report.")
+    p.add_argument("--out", default="auditor-demo", help="output folder (default: auditor-demo)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--cache-dir", default=None, help="activation and demo-data cache (default: user cache)")
+    p.add_argument("--images", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--formats", default=None, help="comma-separated outputs (default: html,pdf,json,csv,junit)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="audit a model (YAML config and/or flags; flags win)",
+                       description="Audit one layer of a model on a labeled probe set. Every config key can be "
+                                   "given as a flag (dashes) or in the YAML file (underscores); flags win.")
+    p.add_argument("config", nargs="?", default=None, help="YAML config file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("layers", help="list a model's layer names with output shapes")
+    p.add_argument("model", help="torchvision name, package.module:callable, file.py:callable or TorchScript file")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--input-size", type=int, default=None, help="side of the sample input (default: the "
+                   "model's crop size or 224)")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("explain", help="run INVERT on saved activations (no model needed)",
+                       description="Explain every neuron of saved activations (N×K .npy/.pt) with concept labels "
+                                   "(CSV, Parquet or .npz; rows matched to activation rows by order).")
+    p.add_argument("--activations", required=True, help="N×K activations: .npy or .pt")
+    p.add_argument("--labels", required=True, help="labels: .csv, .parquet or .npz (rows in activation order)")
+    p.add_argument("--out", default="auditor-explain", help="output folder")
+    p.add_argument("--artifacts", default="", help="artifact concept names, comma-separated")
+    p.add_argument("--length", type=int, default=3)
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--min-fraction", type=float, default=0.0)
+    p.add_argument("--max-fraction", type=float, default=0.5)
+    p.add_argument("--limit-search", type=int, default=None)
+    p.add_argument("--mode", choices=["positive", "negative"], default="positive")
+    p.add_argument("--alternative", choices=["two-sided", "greater"], default="two-sided")
+    p.add_argument("--heldout", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--layer-name", default="activations", help="name shown for the layer in the report")
+    p.add_argument("--formats", default="json,csv", help="outputs (default json,csv; add html,pdf for a report)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("render", help="re-render reports from a saved results.json (no model, data or torch)")
+    p.add_argument("results", help="results.json written by an earlier audit")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--formats", default=None, help="comma-separated (default: html,pdf,csv,junit)")
+    p.set_defaults(func=cmd_render)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not getattr(ns, "func", None):
+        parser.print_help()
+        return EXIT_ERROR
+    try:
+        return ns.func(ns)
+    except AuditorError as exc:
+        _err(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted; completed activation chunks are kept in the cache and reused on the next run")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

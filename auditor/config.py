@@ -1,0 +1,199 @@
+"""The audit configuration: one frozen, validated object.
+
+A YAML file and command-line flags describe the same fields (flags use dashes,
+YAML uses underscores; flags win). Validation is pydantic's, with its messages
+rewritten into one line that names the key, the value received and what is
+expected. Unknown keys are rejected with the key named and the closest match.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, did_you_mean
+
+
+def default_cache_dir() -> Path:
+    """The user's cache folder (XDG), never inside an output folder."""
+    base = os.environ.get("AUDITOR_CACHE_DIR")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "auditor"
+
+
+class AuditConfig(BaseModel):
+    """Everything that defines an audit. Field docs become the CLI help."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # -- model -------------------------------------------------------------
+    model: str | None = Field(None, description="torchvision architecture name (resnet18), "
+                              "package.module:callable, path/to/file.py:callable, or a TorchScript file")
+    weights: str | None = Field(None, description="state_dict or checkpoint file (loaded with weights_only=True)")
+    layer: str | None = Field(None, description="dotted module name to audit, e.g. layer4 or layer4.1.conv2 "
+                              "(see `auditor layers MODEL`)")
+
+    # -- preprocessing -----------------------------------------------------
+    resize: int | None = Field(None, ge=1, description="resize the shorter image side to this many pixels")
+    crop: int | None = Field(None, ge=1, description="center-crop to this size")
+    mean: tuple[float, float, float] | None = Field(None, description="per-channel normalisation mean, e.g. 0.485,0.456,0.406")
+    std: tuple[float, float, float] | None = Field(None, description="per-channel normalisation std, e.g. 0.229,0.224,0.225")
+    normalize: bool = Field(True, description="normalise with mean/std (--no-normalize: feed plain [0, 1] RGB)")
+
+    # -- probe data --------------------------------------------------------
+    images: str | None = Field(None, description="folder holding the probe images")
+    labels: str | None = Field(None, description="concept labels: CSV with a path column then one 0/1 column per concept")
+    artifacts: tuple[str, ...] = Field((), description="artifact concept names, comma-separated (e.g. watermark,text)")
+    on_bad_image: Literal["error", "skip"] = Field("error", description="what to do with unreadable images")
+
+    # -- collection ---------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run the model")
+    reduction: Literal["mean", "max"] = Field("mean", description="spatial reduction of (B, C, H, W) outputs")
+    batch_size: int = Field(64, ge=1, description="images per forward pass")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    cache_dir: str | None = Field(None, description="activation cache folder (default: the user's cache folder)")
+    no_cache: bool = Field(False, description="do not read or write the activation cache")
+
+    # -- INVERT search -------------------------------------------------------
+    length: int = Field(3, ge=1, le=10, description="maximum formula length")
+    beam: int = Field(5, ge=1, le=1000, description="beam size")
+    min_fraction: float = Field(0.0, ge=0.0, le=1.0, description="smallest admissible support fraction")
+    max_fraction: float = Field(0.5, ge=0.0, le=1.0, description="largest admissible support fraction")
+    limit_search: int | None = Field(None, ge=1, description="expansion pool size (default: all atoms)")
+    heldout: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of images held out to score "
+                                  "the found formulas without search bias (e.g. 0.5)")
+    seed: int = Field(0, description="seed for the held-out split and the bootstrap")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for AUROC confidence intervals (0 = off)")
+
+    # -- flagging --------------------------------------------------------------
+    flag_max_p: float = Field(0.01, gt=0.0, le=1.0, description="largest BH-adjusted p-value of a flagged formula")
+    flag_min_auroc: float = Field(0.7, ge=0.5, le=1.0, description="smallest AUROC of a flagged neuron's best formula")
+    artifact_auroc: float = Field(0.75, ge=0.5, le=1.0, description="AUROC the artifact alone must reach "
+                                  "(also the artifact-sensitive threshold)")
+    flag_margin: float = Field(0.05, ge=0.0, le=1.0, description="AUROC lost when the artifact is removed "
+                               "from the formula that also shows its part")
+    fail_on_flag: bool = Field(True, description="exit with code 1 when neurons are flagged")
+
+    # -- output ------------------------------------------------------------------
+    out: str = Field("audit-report", description="output folder")
+    top_k: int = Field(9, ge=0, le=64, description="top-activating images kept per neuron")
+    title: str | None = Field(None, description="report title")
+    formats: tuple[Literal["html", "pdf", "json", "csv", "junit"], ...] = Field(
+        ("html", "pdf", "json", "csv", "junit"), description="outputs to write")
+
+    @field_validator("artifacts", "formats", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return value
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _split_floats(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = [v.strip() for v in value.split(",") if v.strip()]
+            try:
+                return tuple(float(p) for p in parts)
+            except ValueError:
+                raise ValueError(f"expected three comma-separated numbers, got {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> AuditConfig:
+        if self.min_fraction > self.max_fraction:
+            raise ValueError(f"min_fraction ({self.min_fraction}) must not exceed max_fraction ({self.max_fraction})")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be positive, got {self.std}")
+        if len(set(self.artifacts)) != len(self.artifacts):
+            raise ValueError(f"artifacts lists a concept twice: {list(self.artifacts)}")
+        return self
+
+    # -- derived -----------------------------------------------------------------
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+    def plain(self) -> dict[str, Any]:
+        """JSON-able dict of every field (recorded in results.json)."""
+        return self.model_dump(mode="json")
+
+
+FIELDS = AuditConfig.model_fields
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
+        if err["type"] == "extra_forbidden":
+            key = str(err["loc"][0])
+            hint = did_you_mean(key, FIELDS) or " (see `auditor run --help` for the valid keys)"
+            parts.append(f"unknown config key {key!r} in {source}{hint}")
+            continue
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        if loc == "config":
+            parts.append(f"{source}: {msg}")
+        else:
+            parts.append(f"invalid {loc!r} in {source}: {msg}{shown}")
+    return "; ".join(parts)
+
+
+def make_config(values: dict[str, Any], source: str = "the configuration") -> AuditConfig:
+    try:
+        return AuditConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config file into a dict (keys validated later)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    # Relative paths in a config file are relative to the file, not the working dir.
+    for key in ("model", "weights", "images", "labels", "cache_dir", "out"):
+        value = data.get(key)
+        if isinstance(value, str) and key != "model" and not Path(value).is_absolute():
+            data[key] = str((path.parent / value))
+        elif key == "model" and isinstance(value, str):
+            file_part = value.split(":", 1)[0]
+            if (file_part.endswith(".py") or file_part.endswith((".pt", ".pth", ".ts", ".jit"))) \
+                    and not Path(file_part).is_absolute() and (path.parent / file_part).exists():
+                data[key] = str(path.parent / value)
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> AuditConfig:
+    """YAML file (optional) plus overrides (flags win)."""
+    values: dict[str, Any] = read_yaml(path) if path else {}
+    source = str(path) if path else "the command line"
+    for key in values:
+        if key not in FIELDS:
+            raise ConfigError(f"unknown config key {key!r} in {source}"
+                              + (did_you_mean(key, FIELDS) or " (see `auditor run --help` for the valid keys)"))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return make_config(values, source if not overrides else f"{source} and flags" if path else source)

@@ -1,0 +1,286 @@
+"""Loading models and finding layers.
+
+A model spec is one of
+- a torchvision architecture name (``resnet18``), built with random weights;
+- ``package.module:callable`` or ``path/to/file.py:callable`` returning an ``nn.Module``;
+- a TorchScript file (``torch.jit.save``).
+``--weights`` then loads a state_dict, or a checkpoint dict holding one, with
+``weights_only=True``; mismatched keys are reported by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LayerError, ModelError, did_you_mean
+
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights", "module")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the model expects; recorded in the provenance."""
+
+    resize: int | None = None
+    crop: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    source: str = "default"  # where these values came from
+
+    def plain(self) -> dict[str, Any]:
+        return {"resize": self.resize, "crop": self.crop,
+                "mean": list(self.mean) if self.mean else None,
+                "std": list(self.std) if self.std else None, "source": self.source}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    module: nn.Module
+    spec: str
+    kind: str  # "torchvision" | "callable" | "torchscript"
+    weights: str | None
+    file_sha256: str | None  # hash of the weights (or TorchScript) file
+    default_preprocessing: Preprocessing
+    n_parameters: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kind": self.kind, "weights": self.weights,
+                "weights_sha256": self.file_sha256, "n_parameters": self.n_parameters,
+                "class": type(self.module).__name__, **self.info}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models())
+
+
+def _torchvision_preprocessing(name: str) -> Preprocessing:
+    """The transforms of the architecture's default weights (no download needed)."""
+    import torchvision
+
+    try:
+        weights_enum = torchvision.models.get_model_weights(name)
+        tf = weights_enum.DEFAULT.transforms()
+    except Exception:  # architectures without registered weights
+        return Preprocessing(source=f"torchvision:{name} (no weights metadata)")
+    resize = getattr(tf, "resize_size", None)
+    crop = getattr(tf, "crop_size", None)
+    resize = resize[0] if isinstance(resize, (list, tuple)) else resize
+    crop = crop[0] if isinstance(crop, (list, tuple)) else crop
+    return Preprocessing(resize=resize, crop=crop, mean=tuple(tf.mean), std=tuple(tf.std),
+                         source=f"torchvision:{name} default weights transforms")
+
+
+def _import_callable(spec: str) -> Any:
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise ModelError(f"model spec {spec!r} must look like package.module:callable or file.py:callable")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path} (from --model {spec!r})")
+        mod_name = f"_auditor_user_model_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]}"
+        loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ModelError(f"cannot import {path} as a Python module")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[mod_name] = module
+        sys.path.insert(0, str(path.parent.resolve()))
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(mod_name, None)
+            raise ModelError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            sys.path.pop(0)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise ModelError(f"cannot import module {target!r} from --model {spec!r}: {exc}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(module) if not n.startswith("_")]
+            raise ModelError(f"{target} has no attribute {attr!r}{did_you_mean(attr, names)}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, dict):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        for key in _STATE_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+        keys = ", ".join(repr(k) for k in list(obj)[:8])
+        raise ModelError(f"{path} holds a dict without a state_dict (keys: {keys}); "
+                         f"expected tensors or one of {list(_STATE_KEYS)}")
+    raise ModelError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+
+
+def load_weights(module: nn.Module, path: str) -> str:
+    """Load a state_dict (strict) into ``module``; return the file's sha256."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"weights file not found: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load weights {p} with weights_only=True: {first[:300]}") from None
+    state = _extract_state_dict(obj, str(p))
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:5]) + (f" … (+{len(items) - 5} more)" if len(items) > 5 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {show(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatch {len(mismatched)}: {show(mismatched)}")
+        raise ModelError(f"weights {p} do not fit model {type(module).__name__} — " + "; ".join(parts)
+                         + ". Is the checkpoint for another architecture?")
+    module.load_state_dict(state, strict=True)
+    return sha256_file(p)
+
+
+def load_model(spec: str, weights: str | None = None) -> LoadedModel:
+    """Build the model named by ``spec`` (on CPU, eval mode) and load ``weights``."""
+    if not spec or not spec.strip():
+        raise ModelError("no model given: pass --model (a torchvision name, module:callable or TorchScript file)")
+    spec = spec.strip()
+    file_hash = None
+    info: dict[str, Any] = {}
+    tv_names = None
+    path_part = spec.split(":", 1)[0] if not spec.startswith(("/", ".")) or ":" in spec else spec
+    if ":" in spec and not Path(spec).is_file():
+        factory = _import_callable(spec)
+        if isinstance(factory, nn.Module):
+            module = factory
+        elif callable(factory):
+            try:
+                module = factory()
+            except Exception as exc:
+                raise ModelError(f"calling {spec} failed: {type(exc).__name__}: {exc}") from None
+        else:
+            raise ModelError(f"{spec} is neither an nn.Module nor a callable returning one")
+        if not isinstance(module, nn.Module):
+            raise ModelError(f"{spec} returned {type(module).__name__}, expected a torch.nn.Module")
+        kind = "callable"
+        pre = Preprocessing(source="none given (model takes [0, 1] RGB unless --mean/--std)")
+    elif Path(spec).is_file():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated but still common
+                module = torch.jit.load(spec, map_location="cpu")
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"{spec} is not a TorchScript file ({first[:200]}); for a state_dict use "
+                             f"--model ARCH --weights {spec}") from None
+        kind = "torchscript"
+        file_hash = sha256_file(spec)
+        pre = Preprocessing(source="none given (TorchScript)")
+    else:
+        tv_names = torchvision_names()
+        if spec not in tv_names:
+            hint = did_you_mean(spec, tv_names)
+            if Path(path_part).suffix in (".pt", ".pth", ".ts", ".py"):
+                raise ModelError(f"model file not found: {path_part}")
+            raise ModelError(f"unknown model {spec!r}{hint}: expected a torchvision architecture name, "
+                             "package.module:callable, path/to/file.py:callable or a TorchScript file")
+        import torchvision
+
+        try:
+            module = torchvision.models.get_model(spec, weights=None)
+        except Exception as exc:
+            raise ModelError(f"cannot build torchvision model {spec!r}: {exc}") from None
+        kind = "torchvision"
+        pre = _torchvision_preprocessing(spec)
+    if weights:
+        if kind == "torchscript":
+            raise ModelError("--weights cannot be combined with a TorchScript model (its weights are inside it)")
+        file_hash = load_weights(module, weights)
+    elif kind == "torchvision":
+        info["warning"] = "no --weights given: auditing randomly initialised weights"
+    module.eval()
+    n_params = sum(p.numel() for p in module.parameters())
+    return LoadedModel(module=module, spec=spec, kind=kind, weights=str(weights) if weights else None,
+                       file_sha256=file_hash, default_preprocessing=pre, n_parameters=n_params, info=info)
+
+
+def module_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_modules() if name]
+
+
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if name in modules and name:
+        return modules[name]
+    names = [n for n in modules if n]
+    hint = did_you_mean(name, names)
+    raise LayerError(f"model has no layer {name!r}{hint}; run `auditor layers MODEL` to list the layer names")
+
+
+@torch.no_grad()
+def layer_shapes(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, str, tuple[int, ...] | None]]:
+    """(name, module type, per-sample output shape) for every named module."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = []
+
+    def make(name: str):
+        def hook(_mod, _inp, out):
+            if isinstance(out, torch.Tensor):
+                shapes[name] = tuple(out.shape[1:])
+            elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+                shapes[name] = tuple(out[0].shape[1:])
+        return hook
+
+    was_training = model.training
+    try:
+        for name, mod in model.named_modules():
+            if name:
+                hooks.append(mod.register_forward_hook(make(name)))
+        model.eval()
+        try:
+            model(sample)
+        except Exception as exc:
+            raise ModelError(f"a forward pass on a {tuple(sample.shape)} input failed: "
+                             f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [(name, type(mod).__name__, shapes.get(name)) for name, mod in model.named_modules() if name]

@@ -1,0 +1,333 @@
+"""``run_audit(config) -> AuditResult``: the one place that strings the stages together.
+
+config ─► model + layer ─► activations ─► INVERT ─► flags ─► evidence ─► AuditResult
+                probe set (images, concept labels) ─┘
+
+Writing is separate (:func:`write_outputs`): every output is rendered into a
+staging folder next to ``--out`` and moved into place only when all succeeded.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import AuditConfig
+from .errors import ConfigError, DataError
+from .flags import Thresholds, flag_neuron
+from .results import (SCHEMA_VERSION, AuditResult, Concept, Distribution, Explanation, LayerResult,
+                      NeuronResult, TopImage)
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(f"auditor: {msg}", file=sys.stderr, flush=True)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"auditor": __version__, "python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "scipy", "pandas", "jinja2", "weasyprint", "seaborn", "pillow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def resolve_preprocessing(cfg: AuditConfig, default):
+    from .models import Preprocessing
+
+    given = any(v is not None for v in (cfg.resize, cfg.crop, cfg.mean, cfg.std))
+    mean = cfg.mean if cfg.mean is not None else default.mean
+    std = cfg.std if cfg.std is not None else default.std
+    if (cfg.mean is None) != (cfg.std is None):
+        raise ConfigError("give --mean and --std together (or --no-normalize for plain [0, 1] RGB input)")
+    if not cfg.normalize:
+        mean = std = None
+    source = "config" if given else default.source
+    if not cfg.normalize:
+        source += "; normalisation off"
+    return Preprocessing(resize=cfg.resize if cfg.resize is not None else default.resize,
+                         crop=cfg.crop if cfg.crop is not None else default.crop,
+                         mean=mean, std=std, source=source)
+
+
+def _check_paths(cfg: AuditConfig) -> None:
+    out = Path(cfg.out).resolve()
+    cache = cfg.cache_path.resolve()
+    if cache == out or out in cache.parents:
+        raise ConfigError(f"cache_dir {cfg.cache_path} lies inside the output folder {cfg.out}; "
+                          "put the cache elsewhere (the default is the user's cache folder)")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"--out {cfg.out} exists and is not a folder")
+
+
+def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) -> AuditResult:
+    """Audit one layer of one model on one probe set; return the result (writes nothing but the cache)."""
+    import torch
+
+    from . import invert
+    from .activations import build_transform, collect, state_hash
+    from .data import check_artifacts, load_probe_set
+    from .models import load_model, resolve_layer
+
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    if not cfg.model:
+        raise ConfigError("no model given: pass --model (a torchvision name, package.module:callable, "
+                          "file.py:callable or a TorchScript file)")
+    if not cfg.layer:
+        raise ConfigError("no layer given: pass --layer NAME (list the names with `auditor layers MODEL`)")
+    _check_paths(cfg)
+    warnings: list[str] = []
+
+    t = time.perf_counter()
+    probe = load_probe_set(cfg.images, cfg.labels)
+    check_artifacts(probe, cfg.artifacts)
+    timings["load_data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    loaded = load_model(cfg.model, cfg.weights)
+    if loaded.info.get("warning"):
+        warnings.append(loaded.info["warning"])
+    resolve_layer(loaded.module, cfg.layer)
+    pre = resolve_preprocessing(cfg, loaded.default_preprocessing)
+    geometry, transform = build_transform(pre, cfg.normalize)
+    model_hash = state_hash(loaded.module)  # what the cache key needs: the weights actually loaded
+    timings["load_model_s"] = time.perf_counter() - t
+
+    collected = collect(loaded.module, [cfg.layer], probe, transform=transform, transform_desc=pre.plain(),
+                        model_hash=f"{type(loaded.module).__name__}|{model_hash}",
+                        reduction=cfg.reduction, batch_size=cfg.batch_size, workers=cfg.workers,
+                        device=cfg.device, top_k=cfg.top_k, cache_dir=None if cfg.no_cache else cfg.cache_path,
+                        on_bad_image=cfg.on_bad_image, log=log, progress=progress)
+    timings["activations_s"] = collected.seconds
+    if collected.bad:
+        warnings.append(f"{len(collected.bad)} unreadable image(s) skipped: "
+                        + ", ".join(p for p, _ in collected.bad[:10]) + (" …" if len(collected.bad) > 10 else ""))
+    keep_rows = collected.ok
+    layer_acts = collected.layers[cfg.layer]
+    A = layer_acts.values[keep_rows].astype(np.float64)
+    Y = probe.labels[keep_rows]
+    N = A.shape[0]
+    # Map probe rows (top-k indices refer to them) to rows of A.
+    row_of = np.full(len(probe), -1, dtype=np.int64)
+    row_of[np.flatnonzero(keep_rows)] = np.arange(N)
+
+    concepts, usable, excluded_warnings = summarise_concepts(Y, probe.concepts, cfg.artifacts,
+                                                             probe.display_names, probe.descriptions)
+    warnings.extend(excluded_warnings)
+    names = [probe.concepts[j] for j in usable]
+    Yu = Y[:, usable]
+
+    # -- INVERT ----------------------------------------------------------------------
+    t = time.perf_counter()
+    device = collected.device if cfg.device != "cpu" else "cpu"
+    params = invert.InvertParams(length=cfg.length, beam=cfg.beam, min_fraction=cfg.min_fraction,
+                                 max_fraction=cfg.max_fraction, limit_search=cfg.limit_search,
+                                 heldout=cfg.heldout, seed=cfg.seed, device=device)
+    explained = invert.explain(A, Yu, names, params, progress=progress)
+    timings["explain_s"] = time.perf_counter() - t
+
+    # -- flags and evidence ------------------------------------------------------------
+    t = time.perf_counter()
+    thresholds = thresholds_of(cfg)
+    art_cols = [probe.concepts.index(a) for a in cfg.artifacts]
+    neurons = neuron_results(A, explained, Yu, names, list(cfg.artifacts), Y[:, art_cols], thresholds)
+    from .evidence import bootstrap_auroc_ci, data_uri, histogram, overlay, thumbnail, top_image_views
+
+    detail = [i for i, n in enumerate(neurons) if n.flags or n.sensitive]
+    # The strongest unflagged neurons get evidence too, so the report can show what normal looks like.
+    ranked = sorted((i for i, n in enumerate(neurons) if n.explanations and i not in detail),
+                    key=lambda i: -neurons[i].explanations[0].auroc)
+    detail_set = set(detail) | set(ranked[:5])
+    for i in sorted(detail_set):
+        n = neurons[i]
+        a = A[:, n.index]
+        dist = None
+        exps = list(n.explanations)
+        if exps:
+            y = invert.evaluate(exps[0].ast, Yu, names)
+            edges, inside, outside = histogram(a, y)
+            dist = Distribution(formula=exps[0].formula, edges=edges, inside=inside, outside=outside)
+            if n.flags and cfg.bootstrap:
+                ci = bootstrap_auroc_ci(a, y, n_resamples=cfg.bootstrap, seed=cfg.seed)
+                exps[0] = _replace(exps[0], auroc_ci=ci)
+        tops = _top_images(n.index, layer_acts, probe, row_of, Y, cfg.artifacts, geometry,
+                           top_image_views, thumbnail, overlay, data_uri)
+        neurons[i] = _replace(n, explanations=exps, distribution=dist, top_images=tops)
+    timings["evidence_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_all
+
+    dead = sum(1 for n in neurons if n.status == "dead")
+    if dead:
+        warnings.append(f"{dead} neuron(s) have a constant activation on the probe set (dead) and no explanation")
+    provenance: dict[str, Any] = {
+        "model": loaded.provenance(),
+        "layer": cfg.layer,
+        "preprocessing": pre.plain(),
+        "data": probe.provenance() | {"n_used": int(N), "n_unreadable": len(collected.bad)},
+        "device": collected.device,
+        "torch_threads": torch.get_num_threads(),
+        "cache": collected.cache,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "packages": package_versions(),
+        "platform": platform.platform(),
+        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
+    }
+    layer = LayerResult(name=cfg.layer, output_shape=list(layer_acts.output_shape), reduction=cfg.reduction,
+                        neurons=neurons)
+    title = cfg.title or f"Audit of {loaded.spec} · layer {cfg.layer}"
+    return AuditResult(schema_version=SCHEMA_VERSION, tool={"name": "auditor", "version": __version__},
+                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       title=title, config=cfg.plain(), provenance=provenance, thresholds=thresholds.plain(),
+                       concepts=concepts, artifacts=list(cfg.artifacts), layers=[layer], warnings=warnings)
+
+
+def thresholds_of(cfg: AuditConfig) -> Thresholds:
+    return Thresholds(flag_max_p=cfg.flag_max_p, flag_min_auroc=cfg.flag_min_auroc,
+                      artifact_auroc=cfg.artifact_auroc, flag_margin=cfg.flag_margin)
+
+
+def summarise_concepts(Y, concept_names: list[str], artifacts, display_names=None, descriptions=None):
+    """Concept records, the usable column indices, and warnings for excluded ones.
+
+    A concept with no positive or no negative image cannot be scored: it is
+    excluded and listed (an artifact in that state is the user's error).
+    """
+    import scipy.sparse as sp
+
+    N = Y.shape[0]
+    n_pos = np.asarray(Y.sum(axis=0)).ravel() if sp.issparse(Y) else Y.sum(axis=0)
+    concepts: list[Concept] = []
+    usable: list[int] = []
+    warnings: list[str] = []
+    for j, name in enumerate(concept_names):
+        reason = None
+        if n_pos[j] == 0:
+            reason = "no positive image"
+        elif n_pos[j] == N:
+            reason = "positive on every image"
+        if reason and name in artifacts:
+            raise DataError(f"artifact {name!r} has {reason} among the readable images; an artifact needs "
+                            "images with and without it")
+        if reason:
+            warnings.append(f"concept {name!r} excluded: {reason}")
+        else:
+            usable.append(j)
+        concepts.append(Concept(name=name, n_positive=int(n_pos[j]), fraction=float(n_pos[j] / max(N, 1)),
+                                is_artifact=name in artifacts, status="excluded" if reason else "ok",
+                                reason=reason, display_name=(display_names or {}).get(name),
+                                description=(descriptions or {}).get(name)))
+    if not usable:
+        raise DataError("no concept has both positive and negative images")
+    return concepts, usable, warnings
+
+
+def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], Y_art,
+                   thresholds: Thresholds) -> list[NeuronResult]:
+    """INVERT output + artifact AUROCs + flagging rules -> one NeuronResult per neuron."""
+    from . import invert
+
+    art_auroc = invert.auroc(A, Y_art) if artifacts else np.zeros((A.shape[1], 0))
+    neurons: list[NeuronResult] = []
+    for ne in explained:
+        k = ne.index
+        a = A[:, k]
+        exps = [_explanation(f) for f in ne.formulas]
+        beams = [[_explanation(f) for f in beam] for beam in ne.beams] if ne.beams else None
+        aa = {art: float(art_auroc[k, i]) for i, art in enumerate(artifacts)}
+        best = exps[0] if exps else None
+
+        def without(art: str, best=best, a=a) -> float | None:
+            reduced = invert.remove_concept(best.ast, art)
+            if reduced is None:
+                return None
+            return invert.auroc_vector(a, invert.evaluate(reduced, Yu, names))
+
+        flags, sensitive = flag_neuron(best, aa, thresholds, without)
+        stats = {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max()),
+                 "frac_zero": float((a == 0).mean())}
+        neurons.append(NeuronResult(index=k, status=ne.status, explanations=exps, artifact_auroc=aa,
+                                    flags=flags, sensitive=sensitive, stats=stats, beams=beams))
+    return neurons
+
+
+def _replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def _explanation(f) -> Explanation:
+    return Explanation(formula=f.text, ast=f.ast, length=f.length, auroc=float(f.auroc), fraction=float(f.fraction),
+                       support=int(f.support), p_value=float(f.p_value), log10_p=float(f.log10_p),
+                       p_adjusted=None if f.p_adjusted is None else float(f.p_adjusted),
+                       heldout_auroc=None if f.heldout_auroc is None else float(f.heldout_auroc),
+                       heldout_p_value=None if f.heldout_p_value is None else float(f.heldout_p_value))
+
+
+def _top_images(k, layer_acts, probe, row_of, Y, artifacts, geometry, views_fn, thumb_fn, overlay_fn, uri_fn):
+    if layer_acts.top_index is None:
+        return []
+    rows = [int(r) for r in layer_acts.top_index[:, k] if row_of[int(r)] >= 0]
+    vals = {int(r): float(v) for r, v in zip(layer_acts.top_index[:, k], layer_acts.top_values[:, k])}
+    maps = None
+    if layer_acts.top_maps is not None:
+        maps = {int(r): layer_acts.top_maps[j, k].astype(np.float32)
+                for j, r in enumerate(layer_acts.top_index[:, k])}
+    vmax = max((float(m.max()) for m in maps.values()), default=0.0) if maps else 0.0
+    views = views_fn([probe.full_path(r) for r in rows], geometry)
+    out = []
+    for r, view in zip(rows, views):
+        labels = Y[row_of[r]]
+        present = [c for c, on in zip(probe.concepts, labels) if on]
+        thumb = thumb_fn(view) if view is not None else None
+        heat = overlay_fn(thumb, maps[r], vmax) if (thumb is not None and maps is not None) else None
+        out.append(TopImage(index=r, path=probe.paths[r], activation=vals[r],
+                            thumbnail=uri_fn(thumb) if thumb is not None else None,
+                            heatmap=uri_fn(heat) if heat is not None else None,
+                            concepts=present, artifacts=[c for c in present if c in artifacts]))
+    return out
+
+
+# -- writing ------------------------------------------------------------------------------
+
+def write_outputs(result: AuditResult, out: str | os.PathLike,
+                  formats: tuple[str, ...] = ("html", "pdf", "json", "csv", "junit")) -> dict[str, Path]:
+    """Render every format into a staging folder, then move the files into ``out``.
+
+    If anything fails, ``out`` is left exactly as it was.
+    """
+    from .report import render
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=parent))
+    try:
+        written = render(result, staging, formats=formats)
+        out.mkdir(exist_ok=True)
+        final: dict[str, Path] = {}
+        for fmt, path in written.items():
+            target = out / path.name
+            os.replace(path, target)
+            final[fmt] = target
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,268 @@
+"""The audit result: frozen dataclasses that round-trip through JSON.
+
+``AuditResult`` is the contract between the pipeline (which needs torch, the model
+and the data) and the renderers (which need none of them). Everything a report
+shows must be in here. This module must not import torch.
+
+The JSON schema is documented in ``docs/results-schema.md``; bump
+``SCHEMA_VERSION`` on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ReportError
+
+SCHEMA_VERSION = "1.0"
+
+
+def _clean(value: Any) -> Any:
+    """Plain JSON data: NaN/inf become None, tuples become lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class _Record:
+    """Mixin: ``to_dict`` / ``from_dict`` driven by the dataclass fields."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            out[f.name] = _to_plain(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise ReportError(f"expected an object for {cls.__name__}, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name in data:
+                kwargs[f.name] = _from_plain(hints[f.name], data[f.name])
+        unknown = set(data) - names
+        if unknown:
+            # Newer minor versions may add keys: keep reading, but do not invent fields.
+            pass
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ReportError(f"invalid {cls.__name__} in results: {exc}") from None
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, _Record):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _from_plain(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+        non_none = [a for a in args if a is not type(None)]
+        return _from_plain(non_none[0], value) if len(non_none) == 1 else value
+    if origin in (tuple,):
+        inner = args[0] if args else Any
+        return tuple(_from_plain(inner, v) for v in value)
+    if origin in (list,):
+        inner = args[0] if args else Any
+        return [_from_plain(inner, v) for v in value]
+    if isinstance(tp, type) and issubclass(tp, _Record):
+        return tp.from_dict(value)
+    if tp is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Explanation(_Record):
+    """One formula in a neuron's final beam."""
+
+    formula: str  # e.g. "(watermark AND NOT star) OR text"
+    ast: Any  # nested lists: "c" | ["not", x] | ["and", x, y] | ["or", x, y]
+    length: int  # number of atoms
+    auroc: float  # AUROC of the activation against the formula (search split)
+    fraction: float  # support / N
+    support: int  # images where the formula holds
+    p_value: float  # Mann-Whitney U p-value (may underflow to 0.0; see log10_p)
+    log10_p: float  # log10 of p_value, finite even when p_value underflows
+    p_adjusted: float | None = None  # Benjamini-Hochberg across neurons (best formula)
+    heldout_auroc: float | None = None  # AUROC on the held-out split, when enabled
+    heldout_p_value: float | None = None
+    auroc_ci: tuple[float, float] | None = None  # bootstrap confidence interval
+
+
+@dataclass(frozen=True)
+class Flag(_Record):
+    """Why a neuron was flagged for an artifact concept."""
+
+    artifact: str
+    rule: str  # "formula" (artifact in best formula) or "sensitive" (artifact alone)
+    formula: str
+    auroc: float
+    p_adjusted: float | None
+    artifact_auroc: float
+    auroc_without_artifact: float | None  # formula with the artifact removed
+    margin: float | None  # auroc - auroc_without_artifact
+    reason: str  # one plain sentence
+
+
+@dataclass(frozen=True)
+class TopImage(_Record):
+    """A top-activating probe image, as an embedded thumbnail."""
+
+    index: int  # row in the probe set
+    path: str
+    activation: float
+    thumbnail: str | None = None  # data: URI (JPEG/PNG)
+    heatmap: str | None = None  # data: URI of the image with the activation map overlaid
+    concepts: list[str] = field(default_factory=list)  # the image's positive concepts
+    artifacts: list[str] = field(default_factory=list)  # artifact concepts it carries
+
+
+@dataclass(frozen=True)
+class Distribution(_Record):
+    """Histogram of a neuron's activation inside and outside a formula's support."""
+
+    formula: str
+    edges: list[float]
+    inside: list[int]
+    outside: list[int]
+
+
+@dataclass(frozen=True)
+class NeuronResult(_Record):
+    index: int  # 0-based channel
+    status: str  # "ok" | "dead"
+    explanations: list[Explanation] = field(default_factory=list)  # ranked, best first
+    artifact_auroc: dict[str, float] = field(default_factory=dict)
+    flags: list[Flag] = field(default_factory=list)
+    sensitive: list[str] = field(default_factory=list)  # artifacts whose AUROC alone passes
+    top_images: list[TopImage] = field(default_factory=list)
+    distribution: Distribution | None = None
+    stats: dict[str, float] = field(default_factory=dict)  # mean, std, min, max, frac_zero
+    beams: list[list[Explanation]] | None = None  # the beam at every length, on request
+
+    @property
+    def best(self) -> Explanation | None:
+        return self.explanations[0] if self.explanations else None
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.flags)
+
+
+@dataclass(frozen=True)
+class LayerResult(_Record):
+    name: str
+    output_shape: list[int]  # per-sample output shape, e.g. [64, 8, 8]
+    reduction: str
+    neurons: list[NeuronResult]
+
+
+@dataclass(frozen=True)
+class Concept(_Record):
+    name: str
+    n_positive: int
+    fraction: float
+    is_artifact: bool = False
+    status: str = "ok"  # "ok" | "excluded"
+    reason: str | None = None  # why excluded
+    display_name: str | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditResult(_Record):
+    schema_version: str
+    tool: dict[str, str]  # name, version
+    created: str  # ISO 8601 UTC
+    title: str
+    config: dict[str, Any]  # the resolved run configuration
+    provenance: dict[str, Any]  # model, weights hash, preprocessing, data, packages, device, timings
+    thresholds: dict[str, Any]  # flagging thresholds used
+    concepts: list[Concept]
+    artifacts: list[str]
+    layers: list[LayerResult]
+    warnings: list[str] = field(default_factory=list)
+
+    # -- convenience -------------------------------------------------------
+    def flagged_neurons(self, layer: LayerResult | None = None) -> list[NeuronResult]:
+        layers = [layer] if layer is not None else self.layers
+        return [n for lyr in layers for n in lyr.neurons if n.flags]
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per artifact concept: flagged and artifact-sensitive neurons."""
+        out: dict[str, dict[str, Any]] = {}
+        for art in self.artifacts:
+            flagged, sensitive = [], []
+            for lyr in self.layers:
+                for n in lyr.neurons:
+                    if any(f.artifact == art and f.rule == "formula" for f in n.flags):
+                        flagged.append((lyr.name, n.index))
+                    if art in n.sensitive:
+                        sensitive.append((lyr.name, n.index))
+            out[art] = {"flagged": flagged, "sensitive": sensitive}
+        return out
+
+    @property
+    def n_flagged(self) -> int:
+        return len(self.flagged_neurons())
+
+    # -- persistence -------------------------------------------------------
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(_clean(self.to_dict()), indent=indent, allow_nan=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AuditResult:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ReportError(f"results file not found: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ReportError(f"cannot read results file {path}: {exc}") from None
+        if not isinstance(data, dict) or "schema_version" not in data:
+            raise ReportError(f"{path} is not an auditor results file (no 'schema_version')")
+        major = str(data["schema_version"]).split(".")[0]
+        if major != SCHEMA_VERSION.split(".")[0]:
+            raise ReportError(
+                f"{path} has schema_version {data['schema_version']!r}; this auditor reads "
+                f"{SCHEMA_VERSION.split('.')[0]}.x — re-run the audit or use a matching auditor version"
+            )
+        return cls.from_dict(data)
