@@ -115,6 +115,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     cfg = load_config(ns.config, _overrides(ns))
     result = run_audit(cfg, progress=not ns.quiet)
+    if result is None:  # worker rank of a torchrun launch: rank 0 writes the report
+        return EXIT_OK
     written = write_outputs(result, cfg.out, cfg.formats)
     return _finish(result, written, cfg.fail_on_flag)
 

@@ -37,7 +37,7 @@ class AuditConfig(BaseModel):
                               "package.module:callable, path/to/file.py:callable, or a TorchScript file")
     weights: str | None = Field(None, description="state_dict or checkpoint file (loaded with weights_only=True)")
     layer: str | None = Field(None, description="dotted module name to audit, e.g. layer4 or layer4.1.conv2 "
-                              "(see `auditor layers MODEL`)")
+                              "(see `auditor layers MODEL`); several, comma-separated, share one pass")
 
     # -- preprocessing -----------------------------------------------------
     resize: int | None = Field(None, ge=1, description="resize the shorter image side to this many pixels")
@@ -116,6 +116,10 @@ class AuditConfig(BaseModel):
         return self
 
     # -- derived -----------------------------------------------------------------
+    @property
+    def layers(self) -> list[str]:
+        return [part.strip() for part in (self.layer or "").split(",") if part.strip()]
+
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()

@@ -37,6 +37,23 @@ class ProbeSet:
     def __len__(self) -> int:
         return len(self.paths)
 
+    # Pairs of rows (clean image, the same image with a synthesised artifact), per
+    # artifact concept: shape (M, 2). Empty when the probe set has no synthesised copies.
+    pairs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def row_concepts(self, i: int) -> list[str]:
+        """Names of the concepts positive on row ``i``."""
+        row = self.labels[i]
+        if hasattr(row, "toarray"):
+            row = row.toarray().ravel()
+        return [c for c, on in zip(self.concepts, np.asarray(row).ravel()) if on]
+
+    def dense_columns(self, names: list[str]) -> np.ndarray:
+        """(N, len(names)) bool matrix of the named concepts."""
+        cols = [self.column(n) for n in names]
+        sub = self.labels[:, cols]
+        return sub.toarray().astype(bool) if hasattr(sub, "toarray") else np.asarray(sub, dtype=bool)
+
     def column(self, name: str) -> int:
         try:
             return self.concepts.index(name)

@@ -75,8 +75,12 @@ def _check_paths(cfg: AuditConfig) -> None:
         raise ConfigError(f"--out {cfg.out} exists and is not a folder")
 
 
-def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) -> AuditResult:
-    """Audit one layer of one model on one probe set; return the result (writes nothing but the cache)."""
+def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) -> AuditResult | None:
+    """Audit the layers of one model on one probe set; return the result (writes nothing but the cache).
+
+    Returns None on the worker ranks of a distributed (torchrun) run: they only
+    collect their shard of the activations; rank 0 explains and reports.
+    """
     import torch
 
     from . import invert
@@ -103,27 +107,30 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     loaded = load_model(cfg.model, cfg.weights)
     if loaded.info.get("warning"):
         warnings.append(loaded.info["warning"])
-    resolve_layer(loaded.module, cfg.layer)
+    layers = cfg.layers
+    for name in layers:
+        resolve_layer(loaded.module, name)
     pre = resolve_preprocessing(cfg, loaded.default_preprocessing)
     geometry, transform = build_transform(pre, cfg.normalize)
     model_hash = state_hash(loaded.module)  # what the cache key needs: the weights actually loaded
     timings["load_model_s"] = time.perf_counter() - t
 
-    collected = collect(loaded.module, [cfg.layer], probe, transform=transform, transform_desc=pre.plain(),
+    collected = collect(loaded.module, layers, probe, transform=transform, transform_desc=pre.plain(),
                         model_hash=f"{type(loaded.module).__name__}|{model_hash}",
                         reduction=cfg.reduction, batch_size=cfg.batch_size, workers=cfg.workers,
                         device=cfg.device, top_k=cfg.top_k, cache_dir=None if cfg.no_cache else cfg.cache_path,
                         on_bad_image=cfg.on_bad_image, log=log, progress=progress)
+    if collected is None:  # a worker rank of a distributed run: rank 0 explains and reports
+        return None
     timings["activations_s"] = collected.seconds
     if collected.bad:
         warnings.append(f"{len(collected.bad)} unreadable image(s) skipped: "
                         + ", ".join(p for p, _ in collected.bad[:10]) + (" …" if len(collected.bad) > 10 else ""))
     keep_rows = collected.ok
-    layer_acts = collected.layers[cfg.layer]
-    A = layer_acts.values[keep_rows].astype(np.float64)
-    Y = probe.labels[keep_rows]
-    N = A.shape[0]
-    # Map probe rows (top-k indices refer to them) to rows of A.
+    used = probe.subset(keep_rows) if not keep_rows.all() else probe
+    Y = used.labels
+    N = len(used)
+    # Map probe rows (top-k indices refer to them) to rows of the used set.
     row_of = np.full(len(probe), -1, dtype=np.int64)
     row_of[np.flatnonzero(keep_rows)] = np.arange(N)
 
@@ -132,29 +139,65 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     warnings.extend(excluded_warnings)
     names = [probe.concepts[j] for j in usable]
     Yu = Y[:, usable]
-
-    # -- INVERT ----------------------------------------------------------------------
-    t = time.perf_counter()
-    device = collected.device if cfg.device != "cpu" else "cpu"
-    params = invert.InvertParams(length=cfg.length, beam=cfg.beam, min_fraction=cfg.min_fraction,
-                                 max_fraction=cfg.max_fraction, limit_search=cfg.limit_search,
-                                 heldout=cfg.heldout, seed=cfg.seed, device=device)
-    explained = invert.explain(A, Yu, names, params, progress=progress)
-    timings["explain_s"] = time.perf_counter() - t
-
-    # -- flags and evidence ------------------------------------------------------------
-    t = time.perf_counter()
+    Y_art = used.dense_columns(list(cfg.artifacts)) if cfg.artifacts else np.zeros((N, 0), dtype=bool)
     thresholds = thresholds_of(cfg)
-    art_cols = [probe.concepts.index(a) for a in cfg.artifacts]
-    neurons = neuron_results(A, explained, Yu, names, list(cfg.artifacts), Y[:, art_cols], thresholds)
+
+    results: list[LayerResult] = []
+    timings["explain_s"] = timings["evidence_s"] = 0.0
+    for name in layers:
+        layer_acts = collected.layers[name]
+        A = np.asarray(layer_acts.values[keep_rows], dtype=np.float64)
+        t = time.perf_counter()
+        device = collected.device if cfg.device != "cpu" else "cpu"
+        params = invert.InvertParams(length=cfg.length, beam=cfg.beam, min_fraction=cfg.min_fraction,
+                                     max_fraction=cfg.max_fraction, limit_search=cfg.limit_search,
+                                     heldout=cfg.heldout, seed=cfg.seed, device=device)
+        explained = invert.explain(A, Yu, names, params, progress=progress)
+        timings["explain_s"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        neurons = neuron_results(A, explained, Yu, names, list(cfg.artifacts), Y_art, thresholds)
+        neurons = _add_evidence(neurons, A, Yu, names, layer_acts, probe, row_of, cfg, geometry)
+        timings["evidence_s"] += time.perf_counter() - t
+        dead = sum(1 for n in neurons if n.status == "dead")
+        if dead:
+            warnings.append(f"layer {name}: {dead} neuron(s) have a constant activation on the probe set (dead) "
+                            "and no explanation")
+        results.append(LayerResult(name=name, output_shape=list(layer_acts.output_shape),
+                                   reduction=cfg.reduction, neurons=neurons))
+    timings["total_s"] = time.perf_counter() - t_all
+
+    provenance: dict[str, Any] = {
+        "model": loaded.provenance(),
+        "layers": layers,
+        "preprocessing": pre.plain(),
+        "data": probe.provenance() | {"n_used": int(N), "n_unreadable": len(collected.bad)},
+        "device": collected.device,
+        "torch_threads": torch.get_num_threads(),
+        "cache": collected.cache,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "packages": package_versions(),
+        "platform": platform.platform(),
+        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
+    }
+    title = cfg.title or f"Audit of {loaded.spec} · {'layer' if len(layers) == 1 else 'layers'} {', '.join(layers)}"
+    return AuditResult(schema_version=SCHEMA_VERSION, tool={"name": "auditor", "version": __version__},
+                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       title=title, config=cfg.plain(), provenance=provenance, thresholds=thresholds.plain(),
+                       concepts=concepts, artifacts=list(cfg.artifacts), layers=results, warnings=warnings)
+
+
+def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry):
+    """Histograms, bootstrap CIs and top images for flagged, sensitive and the strongest neurons."""
+    from . import invert
     from .evidence import bootstrap_auroc_ci, data_uri, histogram, overlay, thumbnail, top_image_views
 
+    neurons = list(neurons)
     detail = [i for i, n in enumerate(neurons) if n.flags or n.sensitive]
     # The strongest unflagged neurons get evidence too, so the report can show what normal looks like.
     ranked = sorted((i for i, n in enumerate(neurons) if n.explanations and i not in detail),
                     key=lambda i: -neurons[i].explanations[0].auroc)
-    detail_set = set(detail) | set(ranked[:5])
-    for i in sorted(detail_set):
+    for i in sorted(set(detail) | set(ranked[:5])):
         n = neurons[i]
         a = A[:, n.index]
         dist = None
@@ -166,35 +209,10 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
             if n.flags and cfg.bootstrap:
                 ci = bootstrap_auroc_ci(a, y, n_resamples=cfg.bootstrap, seed=cfg.seed)
                 exps[0] = _replace(exps[0], auroc_ci=ci)
-        tops = _top_images(n.index, layer_acts, probe, row_of, Y, cfg.artifacts, geometry,
+        tops = _top_images(n.index, layer_acts, probe, row_of, cfg.artifacts, geometry,
                            top_image_views, thumbnail, overlay, data_uri)
         neurons[i] = _replace(n, explanations=exps, distribution=dist, top_images=tops)
-    timings["evidence_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t_all
-
-    dead = sum(1 for n in neurons if n.status == "dead")
-    if dead:
-        warnings.append(f"{dead} neuron(s) have a constant activation on the probe set (dead) and no explanation")
-    provenance: dict[str, Any] = {
-        "model": loaded.provenance(),
-        "layer": cfg.layer,
-        "preprocessing": pre.plain(),
-        "data": probe.provenance() | {"n_used": int(N), "n_unreadable": len(collected.bad)},
-        "device": collected.device,
-        "torch_threads": torch.get_num_threads(),
-        "cache": collected.cache,
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-        "packages": package_versions(),
-        "platform": platform.platform(),
-        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
-    }
-    layer = LayerResult(name=cfg.layer, output_shape=list(layer_acts.output_shape), reduction=cfg.reduction,
-                        neurons=neurons)
-    title = cfg.title or f"Audit of {loaded.spec} · layer {cfg.layer}"
-    return AuditResult(schema_version=SCHEMA_VERSION, tool={"name": "auditor", "version": __version__},
-                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                       title=title, config=cfg.plain(), provenance=provenance, thresholds=thresholds.plain(),
-                       concepts=concepts, artifacts=list(cfg.artifacts), layers=[layer], warnings=warnings)
+    return neurons
 
 
 def thresholds_of(cfg: AuditConfig) -> Thresholds:
@@ -280,7 +298,7 @@ def _explanation(f) -> Explanation:
                        heldout_p_value=None if f.heldout_p_value is None else float(f.heldout_p_value))
 
 
-def _top_images(k, layer_acts, probe, row_of, Y, artifacts, geometry, views_fn, thumb_fn, overlay_fn, uri_fn):
+def _top_images(k, layer_acts, probe, row_of, artifacts, geometry, views_fn, thumb_fn, overlay_fn, uri_fn):
     if layer_acts.top_index is None:
         return []
     rows = [int(r) for r in layer_acts.top_index[:, k] if row_of[int(r)] >= 0]
@@ -293,8 +311,7 @@ def _top_images(k, layer_acts, probe, row_of, Y, artifacts, geometry, views_fn, 
     views = views_fn([probe.full_path(r) for r in rows], geometry)
     out = []
     for r, view in zip(rows, views):
-        labels = Y[row_of[r]]
-        present = [c for c, on in zip(probe.concepts, labels) if on]
+        present = probe.row_concepts(r)
         thumb = thumb_fn(view) if view is not None else None
         heat = overlay_fn(thumb, maps[r], vmax) if (thumb is not None and maps is not None) else None
         out.append(TopImage(index=r, path=probe.paths[r], activation=vals[r],

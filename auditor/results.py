@@ -166,6 +166,9 @@ class NeuronResult(_Record):
     distribution: Distribution | None = None
     stats: dict[str, float] = field(default_factory=dict)  # mean, std, min, max, frac_zero
     beams: list[list[Explanation]] | None = None  # the beam at every length, on request
+    # Paired with/without-artifact effect (synthesised artifacts): per artifact
+    # {"n_pairs", "mean_diff_sd", "frac_rise", "wilcoxon_p"}.
+    paired: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def best(self) -> Explanation | None:
