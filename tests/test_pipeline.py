@@ -1,0 +1,117 @@
+"""End to end on a model the demo has never seen: the hand-set colour model, whose
+channel 2 detects a planted magenta "stamp" artifact (see tests/data/colour_model.py)."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from auditor.cli import main
+from auditor.results import AuditResult
+
+
+def _brute_auroc(a, y):
+    pos, neg = a[y], a[~y]
+    gt = (pos[:, None] > neg[None, :]).sum()
+    eq = (pos[:, None] == neg[None, :]).sum()
+    return (gt + 0.5 * eq) / (len(pos) * len(neg))
+
+
+@pytest.fixture()
+def colour_run(colour_args, capsys):
+    args = colour_args + ["--formats", "json,csv,junit"]
+    rc = main(["run"] + args)
+    err = capsys.readouterr().err
+    out = Path(args[args.index("--out") + 1])
+    return rc, err, out, args
+
+
+def test_planted_artifact_neuron_is_flagged_and_others_are_not(colour_run):
+    rc, err, out, _ = colour_run
+    assert rc == 1, err  # fail_on_flag is on by default for run
+    result = AuditResult.load(out / "results.json")
+    neurons = result.layers[0].neurons
+    assert [n.index for n in neurons if n.flags] == [2]
+    flag = neurons[2].flags[0]
+    assert flag.artifact == "stamp" and flag.rule == "formula"
+    assert flag.artifact_auroc >= 0.95 and flag.p_adjusted < 1e-6
+    assert neurons[2].explanations[0].formula.startswith("stamp")
+    for k, colour in ((0, "red"), (1, "green"), (3, "blue")):
+        assert neurons[k].explanations[0].formula == colour
+        assert not neurons[k].flags and "stamp" not in neurons[k].sensitive
+    assert "stamp: 1 neuron(s) flagged (act#2)" in err
+
+
+def test_reported_numbers_match_independent_computation(colour_run, colour_probe):
+    _, _, out, _ = colour_run
+    result = AuditResult.load(out / "results.json")
+    images, labels = colour_probe
+    rows = list(csv.DictReader(open(labels)))
+    from PIL import Image
+    acts = []
+    for row in rows:
+        x = np.asarray(Image.open(images / row["path"]).convert("RGB"), dtype=np.float64) / 255.0
+        r, g, b = x[..., 0], x[..., 1], x[..., 2]
+        acts.append(np.maximum(r + b - 2 * g - 1, 0).mean())
+    a = np.array(acts)
+    stamp = np.array([row["stamp"] == "1" for row in rows])
+    n2 = result.layers[0].neurons[2]
+    assert n2.artifact_auroc["stamp"] == pytest.approx(_brute_auroc(a, stamp), abs=1e-9)
+    from scipy.stats import mannwhitneyu
+    best = n2.explanations[0]
+    if best.formula == "stamp":
+        assert best.p_value == pytest.approx(mannwhitneyu(a[stamp], a[~stamp]).pvalue, rel=1e-6)
+        assert best.support == stamp.sum()
+    lo, hi = best.auroc_ci
+    assert lo <= best.auroc <= hi or best.auroc == pytest.approx(hi)
+
+
+def test_outputs_and_schema(colour_run):
+    _, _, out, args = colour_run
+    assert sorted(p.name for p in out.iterdir()) == ["junit.xml", "neurons.csv", "results.json"]
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema_version"] == "1.0"
+    for key in ("concepts", "artifacts", "config", "provenance", "layers", "thresholds"):
+        assert key in data
+    prov = data["provenance"]
+    assert len(prov["data"]["fingerprint"]) == 64 and prov["device"] == "cpu"
+    assert prov["preprocessing"]["mean"] is None and "normalisation off" in prov["preprocessing"]["source"]
+    assert {"torch", "numpy", "auditor"} <= set(prov["packages"])
+    assert prov["timings"]["total_s"] > 0
+    neuron = data["layers"][0]["neurons"][2]
+    for key in ("index", "status", "explanations", "artifact_auroc", "flags"):
+        assert key in neuron
+    expl = neuron["explanations"][0]
+    for key in ("formula", "length", "auroc", "fraction", "support", "p_value", "p_adjusted"):
+        assert key in expl
+    assert {"artifact", "rule", "reason"} <= set(neuron["flags"][0])
+    rows = list(csv.DictReader(open(out / "neurons.csv")))
+    assert len(rows) == 4
+    # No staging folders left behind; the cache is outside --out.
+    assert not list(out.parent.glob(".out.staging-*"))
+
+
+def test_no_fail_on_flag_and_cache_reuse(colour_args, capsys):
+    args = colour_args + ["--formats", "json", "--no-fail-on-flag"]
+    assert main(["run"] + args) == 0
+    capsys.readouterr()
+    assert main(["run"] + args) == 0
+    assert "activation cache hit" in capsys.readouterr().err
+
+
+def test_yaml_config_with_flag_override(colour_args, tmp_path, capsys):
+    opts = dict(zip(colour_args[::2], colour_args[1::2])) if False else None
+    cfg = tmp_path / "audit.yaml"
+    a = colour_args
+    get = lambda f: a[a.index(f) + 1]
+    cfg.write_text(
+        f"model: {get('--model')}\nlayer: act\nimages: {get('--images')}\nlabels: {get('--labels')}\n"
+        f"artifacts: [stamp]\nnormalize: false\ncache_dir: {get('--cache-dir')}\nout: {get('--out')}\n"
+        "beam: 2\nlength: 2\nformats: [json]\n")
+    rc = main(["run", str(cfg), "--beam", "3", "--no-fail-on-flag"])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((Path(get("--out")) / "results.json").read_text())
+    assert data["config"]["beam"] == 3 and data["config"]["length"] == 2
+    assert all(len(n["explanations"]) <= 3 for n in data["layers"][0]["neurons"])
