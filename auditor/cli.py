@@ -163,6 +163,18 @@ def cmd_render(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_synth(ns: argparse.Namespace) -> int:
+    from .synth import parse_params, synthesise
+
+    made = synthesise(ns.images, ns.labels, ns.out, artifacts=[a.strip() for a in ns.artifacts.split(",") if a.strip()],
+                      fraction=ns.fraction, seed=ns.seed, params=parse_params(ns.param),
+                      labels_format=ns.labels_format, plugins=ns.plugin, overwrite=ns.overwrite,
+                      link_clean=ns.link_clean, log=_info, progress=not ns.quiet)
+    _info(f"labels: {made.labels}")
+    _info(f"audit it with: {made.run_hint()}")
+    return EXIT_OK
+
+
 def cmd_explain(ns: argparse.Namespace) -> int:
     from .explain_cli import run_explain
 
@@ -218,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-fraction", type=float, default=0.5)
     p.add_argument("--limit-search", type=int, default=None)
     p.add_argument("--mode", choices=["positive", "negative"], default="positive")
-    p.add_argument("--alternative", choices=["two-sided", "greater"], default="two-sided")
+    p.add_argument("--alternative", choices=["two-sided", "greater", "less"], default="two-sided")
     p.add_argument("--heldout", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -226,6 +238,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default="json,csv", help="outputs (default json,csv; add html,pdf for a report)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_explain)
+
+    from .artifacts import available_artifacts
+
+    p = sub.add_parser("synth", help="write copies of clean probe images carrying artifacts, with labels `run` reads",
+                       description="Paste artifacts (watermark, text, border, timestamp or plugin generators) onto a "
+                                   "fraction of clean probe images. Writes OUT/images/clean/ (the originals), "
+                                   "OUT/images/<artifact>/ (the copies) and OUT/labels.csv, where each copy names "
+                                   "its clean source so the audit can compare each pair. Same seed, same bytes.")
+    p.add_argument("--images", required=True, help="folder of clean probe images")
+    p.add_argument("--labels", default=None, help="their labels in any format `run` reads (optional)")
+    p.add_argument("--labels-format", default="auto",
+                   choices=["auto", "wide", "long", "folders", "coco", "npz"])
+    p.add_argument("--out", required=True, help="output folder (not inside --images)")
+    p.add_argument("--artifacts", required=True,
+                   help=f"generators, comma-separated (registered: {', '.join(available_artifacts())})")
+    p.add_argument("--fraction", default="0.5", help="fraction of the clean images that get each artifact, or per "
+                   "artifact: watermark=0.5,text=0.2 (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--param", action="append", default=[], metavar="ARTIFACT.NAME=VALUE",
+                   help="generator parameter, repeatable, value as YAML: watermark.opacity=0.5, "
+                        "watermark.text=SAMPLE, border.width=[0.05,0.1]")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE|FILE.py",
+                   help="import a module that registers more generators (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier synth output in --out")
+    p.add_argument("--link-clean", action="store_true", help="hard-link the originals instead of copying them")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("render", help="re-render reports from a saved results.json (no model, data or torch)")
     p.add_argument("results", help="results.json written by an earlier audit")

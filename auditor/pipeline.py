@@ -295,7 +295,8 @@ def _explanation(f) -> Explanation:
                        support=int(f.support), p_value=float(f.p_value), log10_p=float(f.log10_p),
                        p_adjusted=None if f.p_adjusted is None else float(f.p_adjusted),
                        heldout_auroc=None if f.heldout_auroc is None else float(f.heldout_auroc),
-                       heldout_p_value=None if f.heldout_p_value is None else float(f.heldout_p_value))
+                       heldout_p_value=None if f.heldout_p_value is None else float(f.heldout_p_value),
+                       heldout_log10_p=None if f.heldout_log10_p is None else float(f.heldout_log10_p))
 
 
 def _top_images(k, layer_acts, probe, row_of, artifacts, geometry, views_fn, thumb_fn, overlay_fn, uri_fn):

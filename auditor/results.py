@@ -113,6 +113,7 @@ class Explanation(_Record):
     p_adjusted: float | None = None  # Benjamini-Hochberg across neurons (best formula)
     heldout_auroc: float | None = None  # AUROC on the held-out split, when enabled
     heldout_p_value: float | None = None
+    heldout_log10_p: float | None = None
     auroc_ci: tuple[float, float] | None = None  # bootstrap confidence interval
 
 
