@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ def _from_plain(tp: Any, value: Any) -> Any:
         return None
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+    if origin is typing.Union or origin is types.UnionType:
         non_none = [a for a in args if a is not type(None)]
         return _from_plain(non_none[0], value) if len(non_none) == 1 else value
     if origin in (tuple,):

@@ -1,0 +1,114 @@
+"""JUnit XML for CI: one test case per artifact concept per layer.
+
+A case fails when any neuron of the layer carries a flag for the artifact; the failure
+text lists those neurons with their evidence. An excluded artifact concept is a
+skipped case (it could not be checked). CI systems (GitLab, Jenkins, GitHub test
+reporters) show these as ordinary test results.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from ..results import AuditResult, LayerResult
+from .env import fmt_auroc, fmt_pct, fmt_pvalue
+
+
+def _case_name(artifact: str) -> str:
+    return f"no neuron detects artifact '{artifact}'"
+
+
+# XML 1.0 cannot carry most control characters, even escaped: drop them from user text.
+_XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _x(text: object) -> str:
+    return _XML_BAD.sub("\ufffd", str(text))
+
+
+def _evidence(layer: LayerResult, artifact: str) -> tuple[set[int], list[str]]:
+    """The neurons flagged for ``artifact`` and one line of evidence per flag."""
+    neurons: set[int] = set()
+    lines = []
+    for n in layer.neurons:
+        for f in n.flags:
+            if f.artifact != artifact:
+                continue
+            best = n.best
+            parts = [
+                f"neuron {n.index}: {f.formula}",
+                f"rule={f.rule}",
+                f"AUROC={fmt_auroc(f.auroc)}",
+                f"adjusted p={fmt_pvalue(f.p_adjusted)}",
+                f"artifact alone AUROC={fmt_auroc(f.artifact_auroc)}",
+            ]
+            if f.auroc_without_artifact is not None:
+                parts.append(f"without artifact AUROC={fmt_auroc(f.auroc_without_artifact)}")
+            if f.margin is not None:
+                parts.append(f"margin={fmt_auroc(f.margin)}")
+            if best is not None:
+                parts.append(f"support={best.support} ({fmt_pct(best.fraction)})")
+                if best.heldout_auroc is not None:
+                    parts.append(f"held-out AUROC={fmt_auroc(best.heldout_auroc)}")
+            lines.append("; ".join(parts) + (f"\n    {f.reason}" if f.reason else ""))
+            neurons.add(n.index)
+    return neurons, lines
+
+
+def junit_tree(result: AuditResult) -> ET.ElementTree:
+    excluded = {c.name: c for c in result.concepts if c.status == "excluded"}
+    root = ET.Element("testsuites", name=_x(f"auditor: {result.title}"))
+    total = failures = skipped = 0
+    for layer in result.layers:
+        suite = ET.SubElement(root, "testsuite", name=_x(f"auditor.{layer.name}"), timestamp=_x(result.created))
+        props = ET.SubElement(suite, "properties")
+        for key, value in (
+            ("layer", layer.name),
+            ("neurons", str(len(layer.neurons))),
+            ("tool", " ".join(str(v) for v in (result.tool or {}).values())),
+            *((f"threshold.{k}", str(v)) for k, v in (result.thresholds or {}).items()),
+        ):
+            ET.SubElement(props, "property", name=_x(key), value=_x(value))
+        s_fail = s_skip = 0
+        for artifact in result.artifacts:
+            case = ET.SubElement(suite, "testcase", classname=_x(f"auditor.{layer.name}"),
+                                 name=_x(_case_name(artifact)), time="0")
+            flagged, evidence = _evidence(layer, artifact)
+            if flagged:
+                n = len(flagged)
+                failure = ET.SubElement(case, "failure", type="ArtifactDetector",
+                                        message=_x(f"{n} neuron{'s' if n != 1 else ''} in {layer.name} "
+                                                   f"flagged for artifact '{artifact}'"))
+                failure.text = _x("\n".join(evidence))
+                s_fail += 1
+            elif artifact in excluded:
+                reason = excluded[artifact].reason or "no reason recorded"
+                ET.SubElement(case, "skipped", message=_x(f"artifact concept excluded: {reason}"))
+                s_skip += 1
+            sensitive = [n.index for n in layer.neurons if artifact in n.sensitive]
+            if sensitive:
+                out = ET.SubElement(case, "system-out")
+                out.text = "artifact-sensitive neurons (artifact alone passes the AUROC threshold): " + ", ".join(
+                    str(i) for i in sensitive)
+        suite.set("tests", str(len(result.artifacts)))
+        suite.set("failures", str(s_fail))
+        suite.set("errors", "0")
+        suite.set("skipped", str(s_skip))
+        total += len(result.artifacts)
+        failures += s_fail
+        skipped += s_skip
+    root.set("tests", str(total))
+    root.set("failures", str(failures))
+    root.set("errors", "0")
+    root.set("skipped", str(skipped))
+    ET.indent(root)
+    return ET.ElementTree(root)
+
+
+def write_junit(result: AuditResult, path: str | Path) -> Path:
+    """Write ``junit.xml``: per layer a suite, per artifact concept a case."""
+    path = Path(path)
+    junit_tree(result).write(path, encoding="utf-8", xml_declaration=True)
+    return path

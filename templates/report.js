@@ -1,0 +1,87 @@
+/* auditor report: sortable, filterable neuron tables. No dependencies, no network.
+   Without JavaScript the tables are complete and readable; this only adds tools. */
+(function () {
+  "use strict";
+
+  function cellKey(row, col, type) {
+    var cell = row.cells[col];
+    if (!cell) { return null; }
+    if (type === "num") {
+      var raw = cell.getAttribute("data-v");
+      if (raw === null || raw === "") { return null; }
+      var v = parseFloat(raw);
+      return isNaN(v) ? null : v;
+    }
+    return (cell.textContent || "").trim().toLowerCase();
+  }
+
+  function sortTable(table, col, type, th) {
+    var body = table.tBodies[0];
+    var ascending = th.getAttribute("aria-sort") !== "ascending";
+    var rows = Array.prototype.slice.call(body.rows);
+    var keyed = rows.map(function (row, i) { return { row: row, key: cellKey(row, col, type), i: i }; });
+    keyed.sort(function (a, b) {
+      // missing values last in both directions; stable on the original order
+      if (a.key === null && b.key === null) { return a.i - b.i; }
+      if (a.key === null) { return 1; }
+      if (b.key === null) { return -1; }
+      var d = a.key < b.key ? -1 : (a.key > b.key ? 1 : 0);
+      return (ascending ? d : -d) || a.i - b.i;
+    });
+    var frag = document.createDocumentFragment();
+    keyed.forEach(function (k) { frag.appendChild(k.row); });
+    body.appendChild(frag);
+    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (c) {
+      if (c !== th) { c.removeAttribute("aria-sort"); }
+    });
+    th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+  }
+
+  function makeSortable(table) {
+    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, col) {
+      var type = th.getAttribute("data-type");
+      if (!type) { return; }
+      var button = document.createElement("button");
+      button.type = "button";
+      while (th.firstChild) { button.appendChild(th.firstChild); }
+      th.appendChild(button);
+      th.classList.add("sortable");
+      button.addEventListener("click", function () { sortTable(table, col, type, th); });
+    });
+  }
+
+  function makeFilter(tools, table) {
+    var input = tools.querySelector("input");
+    var count = tools.querySelector(".count");
+    var rows = Array.prototype.slice.call(table.tBodies[0].rows);
+    var texts = rows.map(function (r) { return (r.textContent || "").replace(/\s+/g, " ").toLowerCase(); });
+    function apply() {
+      var terms = input.value.toLowerCase().split(/\s+/).filter(Boolean);
+      var shown = 0;
+      rows.forEach(function (row, i) {
+        var ok = terms.every(function (t) { return texts[i].indexOf(t) !== -1; });
+        row.hidden = !ok;
+        if (ok) { shown += 1; }
+      });
+      count.textContent = shown + " of " + rows.length + " neurons";
+    }
+    input.addEventListener("input", apply);
+    apply();
+    tools.hidden = false;
+  }
+
+  function init() {
+    Array.prototype.forEach.call(document.querySelectorAll("table.neurons"), function (table) {
+      if (!table.tHead || !table.tBodies.length) { return; }
+      makeSortable(table);
+      var tools = document.querySelector('.table-tools[data-table="' + table.id + '"]');
+      if (tools) { makeFilter(tools, table); }
+    });
+  }
+
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", init);
+  } else {
+    init();
+  }
+})();
