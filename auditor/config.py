@@ -27,6 +27,51 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "auditor"
 
 
+class SynthSection(BaseModel):
+    """``synth:`` — synthesise artifact copies of the probe images before the audit (see auditor.synth)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    artifacts: tuple[str, ...] = Field(..., min_length=1, description="generators to apply, e.g. watermark,text")
+    fraction: float | dict[str, float] = Field(0.5, description="fraction of the clean images that get a copy "
+                                               "carrying each artifact (or per artifact: {watermark: 0.5})")
+    seed: int = Field(0, description="seed: the same seed gives byte-identical images")
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-artifact generator "
+                                              "parameters, e.g. {watermark: {opacity: 0.5}}")
+    plugins: tuple[str, ...] = Field((), description="modules or .py files that register more generators")
+
+    @field_validator("artifacts", "plugins", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return value
+
+    @field_validator("fraction")
+    @classmethod
+    def _fraction(cls, value: Any) -> Any:
+        values = value.values() if isinstance(value, dict) else [value]
+        for v in values:
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"fractions must be in (0, 1], got {v}")
+        return value
+
+
+def _synth_value(value: Any) -> Any:
+    """``--synth`` on the command line: YAML (``{artifacts: [watermark], fraction: 0.3}``) or a list of names."""
+    if isinstance(value, str):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        value = parsed
+        if isinstance(value, str):
+            return {"artifacts": value}
+    if isinstance(value, (list, tuple)):
+        return {"artifacts": tuple(value)}
+    return value
+
+
 class AuditConfig(BaseModel):
     """Everything that defines an audit. Field docs become the CLI help."""
 
@@ -48,7 +93,15 @@ class AuditConfig(BaseModel):
 
     # -- probe data --------------------------------------------------------
     images: str | None = Field(None, description="folder holding the probe images")
-    labels: str | None = Field(None, description="concept labels: CSV with a path column then one 0/1 column per concept")
+    labels: str | None = Field(None, description="concept labels: CSV or Parquet (wide: path then one 0/1 column "
+                               "per concept; long: path,concept), COCO instances JSON or .npz; leave out for "
+                               "class folders (images/<class>/...)")
+    labels_format: Literal["auto", "wide", "long", "folders", "coco", "npz"] = Field(
+        "auto", description="format of --labels (auto: from the suffix and the header)")
+    hierarchy: str | None = Field(None, description="concept hierarchy (JSON or CSV, parent → children, e.g. "
+                                  "WordNet ids with names): every ancestor of a concept becomes a concept")
+    synth: SynthSection | None = Field(None, description="synthesise artifact copies of the probe images first, "
+                                       "e.g. {artifacts: [watermark], fraction: 0.5, seed: 0}")
     artifacts: tuple[str, ...] = Field((), description="artifact concept names, comma-separated (e.g. watermark,text)")
     on_bad_image: Literal["error", "skip"] = Field("error", description="what to do with unreadable images")
 
@@ -94,6 +147,19 @@ class AuditConfig(BaseModel):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _synth_defaults(cls, values: Any) -> Any:
+        # The synthesised artifacts are the audited ones unless `artifacts` says otherwise.
+        if isinstance(values, dict) and values.get("synth") is not None:
+            values = dict(values)
+            values["synth"] = _synth_value(values["synth"])
+            syn = values["synth"]
+            arts = syn.get("artifacts") if isinstance(syn, dict) else getattr(syn, "artifacts", None)
+            if not values.get("artifacts") and arts:
+                values["artifacts"] = arts
+        return values
+
     @field_validator("mean", "std", mode="before")
     @classmethod
     def _split_floats(cls, value: Any) -> Any:
@@ -136,6 +202,10 @@ def _format_error(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
+        if err["type"] == "extra_forbidden" and len(err["loc"]) > 1 and err["loc"][0] == "synth":
+            key = str(err["loc"][-1])
+            parts.append(f"unknown key 'synth.{key}' in {source}{did_you_mean(key, SynthSection.model_fields)}")
+            continue
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][0])
             hint = did_you_mean(key, FIELDS) or " (see `auditor run --help` for the valid keys)"
@@ -179,7 +249,11 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     # Relative paths in a config file are relative to the file, not the working dir.
-    for key in ("model", "weights", "images", "labels", "cache_dir", "out"):
+    synth = data.get("synth")
+    if isinstance(synth, dict) and isinstance(synth.get("plugins"), list):
+        synth["plugins"] = [str(path.parent / p) if isinstance(p, str) and p.endswith(".py")
+                            and not Path(p).is_absolute() else p for p in synth["plugins"]]
+    for key in ("model", "weights", "images", "labels", "hierarchy", "cache_dir", "out"):
         value = data.get(key)
         if isinstance(value, str) and key != "model" and not Path(value).is_absolute():
             data[key] = str((path.parent / value))
