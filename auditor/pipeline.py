@@ -87,6 +87,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     from .activations import build_transform, collect, state_hash
     from .data import check_artifacts, load_probe_set
     from .models import load_model, resolve_layer
+    from .paired import neuron_paired, paired_effects_by_artifact
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -99,8 +100,23 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     warnings: list[str] = []
 
     t = time.perf_counter()
-    probe = load_probe_set(cfg.images, cfg.labels)
+    images, labels, fmt = cfg.images, cfg.labels, cfg.labels_format
+    synth_info = None
+    if cfg.synth:
+        # Artifact copies of the probe images go to the cache, never next to the user's images.
+        from .synth import synthesise_cached
+
+        synth_dir = cfg.cache_path if not cfg.no_cache else Path(tempfile.mkdtemp(prefix="auditor-synth-"))
+        made = synthesise_cached(cfg.images, cfg.labels, synth_dir, artifacts=cfg.synth.artifacts,
+                                 fraction=cfg.synth.fraction, seed=cfg.synth.seed, params=cfg.synth.params,
+                                 labels_format=cfg.labels_format, plugins=cfg.synth.plugins, log=log,
+                                 progress=progress)
+        images, labels, fmt = made.images, made.labels, "long"
+        synth_info = {"dir": str(made.out), "counts": made.n_synth, "reused": made.reused} \
+            | cfg.synth.model_dump(mode="json")
+    probe = load_probe_set(images, labels, labels_format=fmt, hierarchy=cfg.hierarchy)
     check_artifacts(probe, cfg.artifacts)
+    warnings.extend(probe.warnings)
     timings["load_data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -157,6 +173,9 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
 
         t = time.perf_counter()
         neurons = neuron_results(A, explained, Yu, names, list(cfg.artifacts), Y_art, thresholds)
+        effects = paired_effects_by_artifact(A, used.pairs, list(cfg.artifacts), used.clean_rows)
+        if effects:
+            neurons = [_replace(n, paired=neuron_paired(effects, n.index)) for n in neurons]
         neurons = _add_evidence(neurons, A, Yu, names, layer_acts, probe, row_of, cfg, geometry)
         timings["evidence_s"] += time.perf_counter() - t
         dead = sum(1 for n in neurons if n.status == "dead")
@@ -171,7 +190,8 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
         "model": loaded.provenance(),
         "layers": layers,
         "preprocessing": pre.plain(),
-        "data": probe.provenance() | {"n_used": int(N), "n_unreadable": len(collected.bad)},
+        "data": probe.provenance() | {"n_used": int(N), "n_unreadable": len(collected.bad),
+                                      **({"synth": synth_info} if synth_info else {})},
         "device": collected.device,
         "torch_threads": torch.get_num_threads(),
         "cache": collected.cache,

@@ -64,3 +64,32 @@ def test_paired_effect_of_synthesised_watermark(synthesised, tmp_path):
 
     auc = invert.auroc(A, probe.dense_columns(["watermark"]))
     assert 0.75 < auc[2, 0] < 1.0
+
+
+def test_run_with_synth_section_reports_paired_effect_and_flags(tmp_path, capsys):
+    """`auditor run` with a `synth:` section: copies go to the cache, the stamp-like magenta
+    watermark neuron is flagged, and the paired effect lands in results.json."""
+    from auditor.cli import main
+    from auditor.results import AuditResult
+
+    images, labels = make_colour_probe(tmp_path / "probe", n=128, seed=5)
+    before = sorted(p.relative_to(images) for p in images.rglob("*"))
+    cfg = tmp_path / "audit.yaml"
+    cfg.write_text(
+        f"model: {COLOUR_MODEL}\nlayer: act\nimages: {images}\nlabels: {labels}\nnormalize: false\n"
+        f"cache_dir: {tmp_path / 'cache'}\nout: {tmp_path / 'out'}\nformats: [json]\nbootstrap: 50\nmin_fraction: 0.05\n"
+        "synth:\n  artifacts: [watermark]\n  fraction: 0.5\n  seed: 0\n"
+        "  params: {watermark: {color: [255, 0, 255], opacity: 0.95, tiled: true, scale: 0.6}}\n")
+    rc = main(["run", str(cfg), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    result = AuditResult.load(tmp_path / "out" / "results.json")
+    assert result.artifacts == ["watermark"]
+    n2 = result.layers[0].neurons[2]
+    assert [f.artifact for f in n2.flags] == ["watermark"]
+    assert n2.paired["watermark"]["n_pairs"] == 64 and n2.paired["watermark"]["frac_rise"] == 1.0
+    assert n2.paired["watermark"]["wilcoxon_p"] < 1e-4
+    assert result.provenance["data"]["synth"]["counts"] == {"watermark": 64}
+    assert str(tmp_path / "cache") in result.provenance["data"]["synth"]["dir"]
+    # nothing the user gave was modified
+    assert sorted(p.relative_to(images) for p in images.rglob("*")) == before
