@@ -38,6 +38,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         "resize": "preprocessing", "crop": "preprocessing", "mean": "preprocessing", "std": "preprocessing",
         "normalize": "preprocessing",
         "images": "probe data", "labels": "probe data", "artifacts": "probe data", "on_bad_image": "probe data",
+        "labels_format": "probe data", "hierarchy": "probe data", "synth": "probe data",
         "length": "INVERT search", "beam": "INVERT search", "min_fraction": "INVERT search",
         "max_fraction": "INVERT search", "limit_search": "INVERT search", "heldout": "INVERT search",
         "seed": "INVERT search", "bootstrap": "INVERT search",
