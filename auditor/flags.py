@@ -7,10 +7,16 @@ A neuron is **flagged** for an artifact concept when all of these hold:
 3. the formula's AUROC is at least ``flag_min_auroc``;
 4. the artifact's own part is shown: the artifact alone reaches AUROC
    ``artifact_auroc``, *or* removing it from the formula costs at least
-   ``flag_margin`` AUROC.
+   ``flag_margin`` AUROC **and** the artifact raises the activation within the
+   rest of the formula: among the images where the formula without the artifact
+   holds, those with the artifact activate higher (one-sided Mann–Whitney,
+   p ≤ ``flag_max_p``).
 
 Rule 4 keeps formulas such as ``stripes AND star AND text`` on neurons that ignore
-text from being flagged. Separately, a neuron whose AUROC for an artifact alone
+text from being flagged. The significance check in its second branch matters for
+narrow formulas: removing a concept from a formula with a small support changes
+its AUROC by chance alone (a random subset of the positives has the same AUROC
+only in expectation), so a margin without a test flags noise. Separately, a neuron whose AUROC for an artifact alone
 reaches ``artifact_auroc`` is marked **artifact-sensitive** even when its best
 formula names something else (a second, weaker signal, reported on its own).
 
@@ -39,7 +45,9 @@ class Thresholds:
                 "artifact_auroc": self.artifact_auroc, "flag_margin": self.flag_margin,
                 "rule": "artifact un-negated in the best formula AND p_adjusted <= flag_max_p AND "
                         "auroc >= flag_min_auroc AND (artifact's own AUROC >= artifact_auroc OR "
-                        "auroc - auroc(formula without the artifact) >= flag_margin)",
+                        "(auroc - auroc(formula without the artifact) >= flag_margin AND, among images where the "
+                        "formula without the artifact holds, the artifact raises the activation with one-sided "
+                        "Mann-Whitney p <= flag_max_p))",
                 "sensitive_rule": "artifact's own AUROC >= artifact_auroc"}
 
 
@@ -53,12 +61,20 @@ def unnegated_concepts(ast: Any, negated: bool = False) -> set[str]:
     return unnegated_concepts(ast[1], negated) | unnegated_concepts(ast[2], negated)
 
 
+@dataclass(frozen=True)
+class PartEvidence:
+    """What removing an artifact from a formula shows (computed by the pipeline)."""
+
+    auroc_without: float | None  # AUROC of the formula without the artifact (None: nothing remains)
+    conditional_auroc: float | None  # within the rest's support: artifact vs no artifact
+    conditional_p: float | None  # one-sided Mann-Whitney p of that comparison
+
+
 def flag_neuron(best: Explanation | None, artifact_auroc: dict[str, float], thresholds: Thresholds,
-                auroc_without: Callable[[str], float | None]) -> tuple[list[Flag], list[str]]:
+                part: Callable[[str], PartEvidence]) -> tuple[list[Flag], list[str]]:
     """Apply the rules to one neuron; return (flags, artifact-sensitive names).
 
-    ``auroc_without(artifact)`` returns the AUROC of the best formula with the
-    artifact removed (None when nothing would remain).
+    ``part(artifact)`` measures the artifact's own part in the best formula.
     """
     sensitive = [a for a, v in artifact_auroc.items() if v is not None and v == v and v >= thresholds.artifact_auroc]
     flags: list[Flag] = []
@@ -71,21 +87,27 @@ def flag_neuron(best: Explanation | None, artifact_auroc: dict[str, float], thre
         p_adj = best.p_adjusted if best.p_adjusted is not None else best.p_value
         if p_adj is None or p_adj > thresholds.flag_max_p or best.auroc < thresholds.flag_min_auroc:
             continue
-        without = auroc_without(art)
+        ev = part(art)
+        without = ev.auroc_without
         base = 0.5 if without is None or without != without else without
         margin = best.auroc - base
         own_ok = own is not None and own == own and own >= thresholds.artifact_auroc
-        margin_ok = margin >= thresholds.flag_margin
+        cond_ok = ev.conditional_p is not None and ev.conditional_p == ev.conditional_p \
+            and ev.conditional_p <= thresholds.flag_max_p
+        margin_ok = margin >= thresholds.flag_margin and cond_ok
         if not (own_ok or margin_ok):
             continue
         why = []
         if own_ok:
             why.append(f"{art} alone reaches AUROC {own:.3f} (≥ {thresholds.artifact_auroc})")
         if margin_ok:
-            why.append(f"removing {art} from the formula drops AUROC by {margin:.3f} (≥ {thresholds.flag_margin})")
+            why.append(f"removing {art} from the formula drops AUROC by {margin:.3f} (≥ {thresholds.flag_margin}), "
+                       f"and within the rest of the formula images with {art} activate higher "
+                       f"(AUROC {ev.conditional_auroc:.3f}, p {ev.conditional_p:.2g})")
         reason = (f"best formula {best.formula!r} (AUROC {best.auroc:.3f}, adjusted p {p_adj:.2g}) "
                   f"contains {art}; " + " and ".join(why))
         flags.append(Flag(artifact=art, rule="formula", formula=best.formula, auroc=best.auroc,
                           p_adjusted=best.p_adjusted, artifact_auroc=own,
-                          auroc_without_artifact=without, margin=margin, reason=reason))
+                          auroc_without_artifact=without, margin=margin, reason=reason,
+                          conditional_auroc=ev.conditional_auroc, conditional_p=ev.conditional_p))
     return flags, sensitive

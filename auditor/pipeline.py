@@ -26,7 +26,7 @@ import numpy as np
 from . import __version__
 from .config import AuditConfig
 from .errors import ConfigError, DataError
-from .flags import Thresholds, flag_neuron
+from .flags import PartEvidence, Thresholds, flag_neuron
 from .results import (SCHEMA_VERSION, AuditResult, Concept, Distribution, Explanation, LayerResult,
                       NeuronResult, TopImage)
 
@@ -280,6 +280,7 @@ def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], Y_a
     """INVERT output + artifact AUROCs + flagging rules -> one NeuronResult per neuron."""
     from . import invert
 
+    Y_art = np.asarray(Y_art, dtype=bool)
     art_auroc = invert.auroc(A, Y_art) if artifacts else np.zeros((A.shape[1], 0))
     neurons: list[NeuronResult] = []
     for ne in explained:
@@ -290,13 +291,20 @@ def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], Y_a
         aa = {art: float(art_auroc[k, i]) for i, art in enumerate(artifacts)}
         best = exps[0] if exps else None
 
-        def without(art: str, best=best, a=a) -> float | None:
+        def part(art: str, best=best, a=a) -> PartEvidence:
             reduced = invert.remove_concept(best.ast, art)
+            y_art = Y_art[:, artifacts.index(art)]
             if reduced is None:
-                return None
-            return invert.auroc_vector(a, invert.evaluate(reduced, Yu, names))
+                rest = np.ones(len(a), dtype=bool)
+                without = None
+            else:
+                rest = invert.evaluate(reduced, Yu, names)
+                without = invert.auroc_vector(a, rest)
+            cond_auroc = invert.auroc_vector(a[rest], y_art[rest])
+            cond_p = invert.mannwhitney(a[rest], y_art[rest], "greater")[0] if cond_auroc == cond_auroc else None
+            return PartEvidence(auroc_without=without, conditional_auroc=cond_auroc, conditional_p=cond_p)
 
-        flags, sensitive = flag_neuron(best, aa, thresholds, without)
+        flags, sensitive = flag_neuron(best, aa, thresholds, part)
         stats = {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max()),
                  "frac_zero": float((a == 0).mean())}
         neurons.append(NeuronResult(index=k, status=ne.status, explanations=exps, artifact_auroc=aa,

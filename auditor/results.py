@@ -131,6 +131,9 @@ class Flag(_Record):
     auroc_without_artifact: float | None  # formula with the artifact removed
     margin: float | None  # auroc - auroc_without_artifact
     reason: str  # one plain sentence
+    # Within the support of the formula without the artifact: artifact vs no artifact.
+    conditional_auroc: float | None = None
+    conditional_p: float | None = None
 
 
 @dataclass(frozen=True)
