@@ -45,7 +45,6 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -344,7 +343,7 @@ def _check_str(value: Any, name: str) -> str:
 
 # --------------------------------------------------------------------------- watermark
 
-BOLD_MIN, BOLD_DIV = 2, 8
+_BOLD_MIN, _BOLD_DIV = 2, 8  # bold outline (at twice the size): max(min, size / div)
 WATERMARK_TEXTS: tuple[str, ...] = (
     "\u00a9 STOCK",
     "SAMPLE",
@@ -448,7 +447,7 @@ def watermark(
             raise ConfigError(f"watermark logo: expected a path or a PIL image, got {type(logo).__name__}")
         lw = max(2, int(round(target_w)))
         lh = max(2, int(round(src.height * lw / src.width)))
-        mark = src.resize((lw, lh), Image.Resampling.LANCZOS)
+        mark = src.convert("RGBa").resize((lw, lh), Image.Resampling.LANCZOS)
     else:
         words = _check_str(text, "watermark text") if text is not None else _choice(rng, WATERMARK_TEXTS)
         font_path = _font_arg(font)
@@ -458,41 +457,65 @@ def watermark(
         if bold:
             # Render at twice the size with an outline and shrink: about size/16
             # (at least 1) extra pixels on each side of every stroke.
-            thick = max(BOLD_MIN, int(round(size / BOLD_DIV)))
+            thick = max(_BOLD_MIN, int(round(size / _BOLD_DIV)))
             size2 = max(10, int(round(2 * size * target_w / (target_w + thick))))
             big = _text_mask(words, _font(size2, font_path), thick)
             mask = big.resize((max(1, big.width // 2), max(1, big.height // 2)), Image.Resampling.BOX)
         else:
             mask = _text_mask(words, _font(size, font_path))
         ink = _color(color, "watermark color")
-        mark = Image.new("RGBA", mask.size, ink + (0,))
+        mark = Image.new("RGBA", mask.size, ink + (255,))
         mark.putalpha(mask)
+        mark = mark.convert("RGBa")
+    # ``mark`` is premultiplied ("RGBa"), so resampling never bleeds the colour of
+    # transparent pixels into the edges of the letters.
 
     if is_tiled:
         diag = int(math.ceil(math.hypot(w, h)))
         step_x = int(round(mark.width * 1.35)) + 2
         step_y = int(round(mark.height * 2.2)) + 2
-        big = diag + 2 * max(step_x, step_y)
-        layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
+        big_side = diag + 2 * max(step_x, step_y)
+        sheet = np.zeros((big_side, big_side, 4), dtype=np.float32)
+        tile = np.asarray(mark, dtype=np.float32)
         ox = int(round(cx * step_x)) - step_x
         oy = int(round(cy * step_y)) - step_y
-        for row, y in enumerate(range(oy, big, step_y)):
+        for row, y in enumerate(range(oy, big_side, step_y)):
             shift = (step_x // 2) if row % 2 else 0
-            for x in range(ox - shift, big, step_x):
-                layer.paste(mark, (x, y), mark)
-        layer = layer.rotate(ang, resample=Image.Resampling.BICUBIC)
-        left, top = (big - w) // 2, (big - h) // 2
-        layer = layer.crop((left, top, left + w, top + h))
+            for x in range(ox - shift, big_side, step_x):
+                _over(sheet, tile, x, y)
+        rotated = _rgba_image(sheet).rotate(ang, resample=Image.Resampling.BICUBIC)
+        left, top = (big_side - w) // 2, (big_side - h) // 2
+        layer = np.asarray(rotated.crop((left, top, left + w, top + h)), dtype=np.float32)
     else:
         rotated = mark.rotate(ang, resample=Image.Resampling.BICUBIC, expand=True)
-        layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+        layer = np.zeros((h, w, 4), dtype=np.float32)
         x0 = int(round(cx * w - rotated.width / 2))
         y0 = int(round(cy * h - rotated.height / 2))
-        layer.paste(rotated, (x0, y0))
+        _over(layer, np.asarray(rotated, dtype=np.float32), x0, y0)
 
-    arr = np.asarray(layer, dtype=np.float32)
-    alpha = arr[..., 3] / 255.0 * op
-    return _composite(image, alpha, arr[..., :3])
+    alpha = layer[..., 3] / 255.0
+    premultiplied = np.minimum(layer[..., :3], layer[..., 3:4])  # colour * alpha, in 0..255
+    base = _to_rgb(image)
+    return _from_rgb(base * (1.0 - op * alpha[..., None]) + op * premultiplied, image)
+
+
+def _over(dst: np.ndarray, src: np.ndarray, x: int, y: int) -> None:
+    """Premultiplied "over": paint ``src`` (h x w x 4, 0..255) onto ``dst`` at ``(x, y)``, clipped."""
+    h, w = src.shape[:2]
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = min(x + w, dst.shape[1]), min(y + h, dst.shape[0])
+    if x0 >= x1 or y0 >= y1:
+        return
+    s = src[y0 - y : y1 - y, x0 - x : x1 - x]
+    d = dst[y0:y1, x0:x1]
+    d *= 1.0 - s[..., 3:4] / 255.0
+    d += s
+
+
+def _rgba_image(premultiplied: np.ndarray) -> Image.Image:
+    """A premultiplied float array (0..255) as an ``RGBa`` image."""
+    arr = np.clip(np.rint(premultiplied), 0, 255).astype(np.uint8)
+    return Image.frombytes("RGBa", (arr.shape[1], arr.shape[0]), arr.tobytes())
 
 
 # --------------------------------------------------------------------------- text

@@ -130,6 +130,17 @@ def test_watermark_is_a_semi_transparent_blend_not_a_box():
     assert np.median(fills) < 0.5, np.round(fills, 2)
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+def test_watermark_edges_have_no_dark_fringe(tiled):
+    # White ink can only lighten: a rotated or tiled mark must not darken any pixel at its edges.
+    for seed in range(6):
+        base = _background(seed)
+        out = get_artifact("watermark")(base, np.random.default_rng(seed), tiled=tiled)
+        diff = _arr(out) - _arr(base)
+        assert diff.min() >= -1, f"seed {seed}: a pixel got darker by {-diff.min()}"
+        assert (diff > 2).any()
+
+
 def test_watermark_opacity_is_the_alpha_of_covered_pixels():
     base = _background(0)
     out = get_artifact("watermark")(base, np.random.default_rng(0), opacity=0.5, tiled=False, angle=0)

@@ -55,6 +55,9 @@ def demo_config(out: str | None = None, device: str = "auto", cache_dir: str | N
         "cache_dir": str(cache),
         "out": out or "auditor-demo",
         "fail_on_flag": False,
+        # Formulas must cover at least 2% of the probe set (20 images): narrower ones
+        # fit a handful of images by chance (see docs/demo.md).
+        "min_fraction": 0.02,
         "title": "auditor demo: a small CNN with a planted watermark shortcut",
     }
     if formats:
