@@ -116,7 +116,9 @@ class AuditConfig(BaseModel):
     # -- INVERT search -------------------------------------------------------
     length: int = Field(3, ge=1, le=10, description="maximum formula length")
     beam: int = Field(5, ge=1, le=1000, description="beam size")
-    min_fraction: float = Field(0.0, ge=0.0, le=1.0, description="smallest admissible support fraction")
+    min_fraction: float = Field(0.01, ge=0.0, le=1.0, description="smallest admissible support fraction "
+                                "(formulas covering fewer images fit a handful of images by chance; "
+                                "INVERT's own default is 0)")
     max_fraction: float = Field(0.5, ge=0.0, le=1.0, description="largest admissible support fraction")
     limit_search: int | None = Field(None, ge=1, description="expansion pool size (default: all atoms)")
     heldout: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of images held out to score "
