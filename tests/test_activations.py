@@ -10,6 +10,15 @@ from auditor.models import Preprocessing, load_model
 from conftest import COLOUR_MODEL
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and OpenMP spinning on a busy 2-core machine costs 50×."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture()
 def setup(colour_probe):
     images, labels = colour_probe
@@ -95,11 +104,24 @@ def test_resume_after_crash_gives_identical_array(setup, tmp_path):
 
 def test_corrupt_chunk_is_recomputed(setup, tmp_path):
     probe, model, tf = setup
-    ref = _collect(model, probe, tf, cache=tmp_path).layers["act"].values
-    chunk = sorted(next(tmp_path.iterdir()).glob("chunk-*.npz"))[0]
-    chunk.write_bytes(b"garbage")
+    ref = _collect(model, probe, tf).layers["act"].values
+    calls = {"n": 0}
+
+    def bomb(_m, _i, _o):
+        calls["n"] += 1
+        if calls["n"] == 9:  # in the third chunk: chunks 0 and 1 are committed
+            raise Boom("simulated crash")
+
+    h = model.conv.register_forward_hook(bomb)
+    with pytest.raises(Boom):
+        _collect(model, probe, tf, cache=tmp_path)
+    h.remove()
+    key_dir = next(tmp_path.iterdir())
+    chunks = sorted(key_dir.glob("chunk-*.npz"))
+    assert len(chunks) == 2
+    chunks[0].write_bytes(b"garbage")
     again = _collect(model, probe, tf, cache=tmp_path)
-    assert again.cache["status"] == "partial"
+    assert again.cache["status"] == "partial" and again.cache["reused"] == 1
     assert np.array_equal(again.layers["act"].values, ref)
 
 
@@ -138,9 +160,9 @@ def test_unsupported_output_shape(setup):
 
     class Seq(torch.nn.Module):
         def forward(self, x):
-            return x.flatten(2)  # (B, C, HW): 3-D
+            return x.unsqueeze(1)  # (B, 1, C, H, W): 5-D
     model.act = torch.nn.Sequential(torch.nn.ReLU(), Seq())
-    with pytest.raises(LayerError, match=r"output shape \(16, 4, 1024\)"):
+    with pytest.raises(LayerError, match=r"output shape \(16, 1, 4, 32, 32\)"):
         collect(model, ["act"], probe, transform=tf, transform_desc={}, model_hash="x", batch_size=16,
                 device="cpu", top_k=0, progress=False)
 
@@ -163,3 +185,193 @@ def test_capture_context_manager_cleans_up():
         model(torch.zeros(1, 3, 4, 4))
         assert store["act"].shape == (1, 4, 4, 4)
     assert not model.act._forward_hooks
+
+
+# -- cache keys: every input that changes the numbers forces a recompute -------------------------
+
+def _small(probe, n=40):
+    keep = np.zeros(len(probe), dtype=bool)
+    keep[:n] = True
+    return probe.subset(keep)
+
+
+def _copy_probe(probe, root, rename=None, extra=0):
+    """The probe's images copied under ``root`` (optionally one renamed, or extra rows appended)."""
+    import shutil
+
+    from auditor.data import ProbeSet
+    paths = list(probe.paths)
+    for rel in paths:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(probe.root / rel, root / rel)
+    if rename is not None:
+        old = paths[rename]
+        new = old.replace(".png", "_renamed.png")
+        (root / old).rename(root / new)
+        paths[rename] = new
+    labels = probe.labels
+    for i in range(extra):
+        paths.append(paths[i].replace(".png", f"_extra{i}.png"))
+        shutil.copy2(root / probe.paths[i], root / paths[-1])
+        labels = np.vstack([labels, probe.labels[i:i + 1]])
+    return ProbeSet(root=root, paths=paths, labels=labels, concepts=probe.concepts)
+
+
+def _change_weights(ctx):
+    with torch.no_grad():
+        ctx["model"].conv.bias[1] += 0.01
+
+
+def _change_architecture(ctx):
+    ctx["model"].act = torch.nn.LeakyReLU(0.01)  # same state_dict, different function
+
+
+def _change_transform(ctx):
+    from torchvision import transforms as T
+    ctx["tf"] = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))])
+    ctx["kw"]["transform_desc"] = {"t": "normalised"}
+
+
+def _change_transform_silently(ctx):
+    from torchvision import transforms as T
+    ctx["tf"] = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))])  # same desc
+
+
+def _change_image_content(ctx):
+    from PIL import Image
+    ctx["probe"] = _copy_probe(ctx["probe"], ctx["tmp"] / "copy")
+    p = ctx["probe"].root / ctx["probe"].paths[0]
+    Image.open(p).transpose(Image.FLIP_LEFT_RIGHT).save(p)
+
+
+def _change_image_name(ctx):
+    ctx["probe"] = _copy_probe(ctx["probe"], ctx["tmp"] / "copy", rename=3)
+
+
+def _change_image_count(ctx):
+    ctx["probe"] = _copy_probe(ctx["probe"], ctx["tmp"] / "copy", extra=1)
+
+
+def _change_image_folder(ctx):
+    ctx["probe"] = _copy_probe(ctx["probe"], ctx["tmp"] / "elsewhere")
+
+
+KEY_CHANGES = {
+    "weights": _change_weights,
+    "architecture": _change_architecture,
+    "layer": lambda ctx: ctx.update(layers=["conv"]),
+    "extra layer": lambda ctx: ctx.update(layers=["act", "conv"]),
+    "reduction": lambda ctx: ctx["kw"].update(reduction="max"),
+    "transform": _change_transform,
+    "transform, same description": _change_transform_silently,
+    "precision": lambda ctx: ctx["kw"].update(precision="bfloat16"),
+    "channels_last": lambda ctx: ctx["kw"].update(channels_last=True),
+    "top_k": lambda ctx: ctx["kw"].update(top_k=3),
+    "image content": _change_image_content,
+    "image renamed": _change_image_name,
+    "image added": _change_image_count,
+    "image folder": _change_image_folder,
+}
+
+
+def _run(ctx, cache, log=None):
+    kw = dict(ctx["kw"])
+    kw.setdefault("transform_desc", {"t": "plain"})
+    return collect(ctx["model"], ctx["layers"], ctx["probe"], transform=ctx["tf"], model_hash=state_hash(ctx["model"]),
+                   batch_size=16, device="cpu", cache_dir=cache, progress=False, chunk_size=16,
+                   log=log or (lambda m: None), **kw)
+
+
+@pytest.mark.parametrize("change", list(KEY_CHANGES))
+def test_each_changed_key_forces_recompute(setup, tmp_path, change):
+    probe, model, tf = setup
+    ctx = {"probe": _small(probe), "model": model, "tf": tf, "layers": ["act"], "kw": {"top_k": 5}, "tmp": tmp_path}
+    cache = tmp_path / "cache"
+    first = _run(ctx, cache)
+    assert first.cache["status"] == "miss"
+    logged = []
+    again = _run(ctx, cache, log=logged.append)
+    assert again.cache["status"] == "hit" and again.cache["key"] == first.cache["key"]
+    assert any(m.startswith("activation cache hit") for m in logged)
+    KEY_CHANGES[change](ctx)
+    logged.clear()
+    changed = _run(ctx, cache, log=logged.append)
+    assert changed.cache["status"] == "miss", change
+    assert changed.cache["key"] != first.cache["key"]
+    assert any(m.startswith("activation cache miss") for m in logged)
+
+
+def test_content_fingerprint_ignores_mtime_only_changes(setup, tmp_path):
+    import os
+    probe, model, tf = setup
+    probe = _copy_probe(_small(probe, 20), tmp_path / "copy")
+    ctx = {"probe": probe, "model": model, "tf": tf, "layers": ["act"], "kw": {"top_k": 2}}
+    stat_first = _run(ctx, tmp_path / "c")
+    ctx["kw"]["fingerprint"] = "content"
+    content_first = _run(ctx, tmp_path / "c")
+    assert content_first.cache["key"] != stat_first.cache["key"]
+    p = probe.root / probe.paths[0]
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes
+    assert _run(ctx, tmp_path / "c").cache["status"] == "hit"
+    ctx["kw"]["fingerprint"] = "stat"
+    assert _run(ctx, tmp_path / "c").cache["status"] == "miss"
+
+
+def test_result_is_a_read_only_memmap_and_chunks_are_folded_away(setup, tmp_path):
+    probe, model, tf = setup
+    got = _collect(model, probe, tf, cache=tmp_path)
+    values = got.layers["act"].values
+    assert isinstance(values, np.memmap) and not values.flags.writeable
+    key_dir = next(tmp_path.iterdir())
+    assert sorted(p.name for p in key_dir.iterdir()) == ["manifest.json", "summary.npz", "values-000.npy"]
+    assert np.load(key_dir / "values-000.npy").shape == (len(probe), 4)
+
+
+def test_without_cache_the_scratch_folder_is_removed(setup, tmp_path):
+    probe, model, tf = setup
+    ref = _collect(model, probe, tf, cache=tmp_path / "cache").layers["act"]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    got = _collect(model, probe, tf, scratch_dir=scratch)
+    assert got.cache["dir"] is None
+    assert list(scratch.iterdir()) == []  # files unlinked; the open memory map keeps the data
+    assert np.array_equal(got.layers["act"].values, ref.values)
+    assert np.array_equal(got.layers["act"].top_maps, ref.top_maps)
+
+
+def test_damaged_final_array_is_recomputed(setup, tmp_path):
+    probe, model, tf = setup
+    ref = np.array(_collect(model, probe, tf, cache=tmp_path).layers["act"].values)
+    key_dir = next(tmp_path.iterdir())
+    (key_dir / "values-000.npy").write_bytes(b"\x93NUMPY torn")
+    again = _collect(model, probe, tf, cache=tmp_path)
+    assert again.cache["status"] == "miss"
+    assert np.array_equal(again.layers["act"].values, ref)
+
+
+def test_unreadable_image_is_remembered_by_the_cache(setup, tmp_path, colour_probe):
+    import shutil
+    images, labels = colour_probe
+    root = tmp_path / "copy"
+    shutil.copytree(images, root)
+    probe = load_probe_set(root, labels)
+    (root / probe.paths[5]).write_bytes(b"not an image")
+    _, model, tf = setup
+    first = _collect(model, probe, tf, cache=tmp_path / "c", on_bad_image="skip")
+    assert first.bad == [(probe.paths[5], first.bad[0][1])] and "UnidentifiedImageError" in first.bad[0][1]
+    again = _collect(model, probe, tf, cache=tmp_path / "c", on_bad_image="skip")
+    assert again.cache["status"] == "hit" and again.bad == first.bad
+    assert np.isnan(again.layers["act"].values[5]).all() and not again.ok[5]
+    with pytest.raises(DataError, match="cannot read image"):
+        _collect(model, probe, tf, cache=tmp_path / "c")  # a hit still refuses in error mode
+
+
+def test_bad_arguments_are_config_errors(setup):
+    from auditor.errors import ConfigError
+    probe, model, tf = setup
+    for kw, match in [({"precision": "float8"}, "unknown precision"), ({"decode": "gpu"}, "decode must be"),
+                      ({"chunk_size": 0}, "chunk_size must be"), ({"fingerprint": "md5"}, "fingerprint must be"),
+                      ({"decode": "device"}, "pass preprocessing")]:
+        with pytest.raises(ConfigError, match=match):
+            _collect(model, probe, tf, **kw)
