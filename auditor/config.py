@@ -107,7 +107,20 @@ class AuditConfig(BaseModel):
 
     # -- collection ---------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run the model")
-    reduction: Literal["mean", "max"] = Field("mean", description="spatial reduction of (B, C, H, W) outputs")
+    reduction: Literal["mean", "max", "cls"] = Field("mean", description="per-neuron reduction: mean or max over "
+                                                     "space (B, C, H, W) or tokens (B, T, D); cls = token 0")
+    precision: Literal["float32", "tf32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="forward-pass precision on CUDA (autocast); reduced precision can change "
+                               "findings (see docs/activations.md), auto = float32")
+    channels_last: bool = Field(False, description="run the model in channels-last memory format")
+    compile: bool = Field(False, description="torch.compile the model before collecting")
+    pin_memory: bool = Field(True, description="pinned host memory for CUDA transfers")
+    prefetch_factor: int = Field(2, ge=1, description="batches each DataLoader worker prepares ahead")
+    decode: Literal["pil", "device"] = Field("pil", description="decode JPEGs with PIL in workers, or on the "
+                                                                 "GPU (device)")
+    fingerprint: Literal["stat", "content"] = Field("stat", description="image fingerprint for the cache: "
+                                                    "paths, sizes and mtimes (stat) or file contents")
+    chunk_size: int = Field(2048, ge=1, description="images per cache chunk (the unit of resume)")
     batch_size: int = Field(64, ge=1, description="images per forward pass")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
     cache_dir: str | None = Field(None, description="activation cache folder (default: the user's cache folder)")

@@ -224,7 +224,10 @@ def load_model(spec: str, weights: str | None = None) -> LoadedModel:
         import torchvision
 
         try:
-            module = torchvision.models.get_model(spec, weights=None)
+            # Seeded, so random-weight audits are reproducible and every torchrun rank builds the same model.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                module = torchvision.models.get_model(spec, weights=None)
         except Exception as exc:
             raise ModelError(f"cannot build torchvision model {spec!r}: {exc}") from None
         kind = "torchvision"

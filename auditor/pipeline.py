@@ -135,7 +135,10 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
                         model_hash=f"{type(loaded.module).__name__}|{model_hash}",
                         reduction=cfg.reduction, batch_size=cfg.batch_size, workers=cfg.workers,
                         device=cfg.device, top_k=cfg.top_k, cache_dir=None if cfg.no_cache else cfg.cache_path,
-                        on_bad_image=cfg.on_bad_image, log=log, progress=progress)
+                        on_bad_image=cfg.on_bad_image, log=log, progress=progress, precision=cfg.precision,
+                        channels_last=cfg.channels_last, compile=cfg.compile, pin_memory=cfg.pin_memory,
+                        prefetch_factor=cfg.prefetch_factor, decode=cfg.decode, preprocessing=pre,
+                        normalize=cfg.normalize, fingerprint=cfg.fingerprint, chunk_size=cfg.chunk_size)
     if collected is None:  # a worker rank of a distributed run: rank 0 explains and reports
         return None
     timings["activations_s"] = collected.seconds
@@ -183,7 +186,8 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
             warnings.append(f"layer {name}: {dead} neuron(s) have a constant activation on the probe set (dead) "
                             "and no explanation")
         results.append(LayerResult(name=name, output_shape=list(layer_acts.output_shape),
-                                   reduction=cfg.reduction, neurons=neurons))
+                                   reduction=getattr(layer_acts, "reduction", None) or cfg.reduction,
+                                   neurons=neurons))
     timings["total_s"] = time.perf_counter() - t_all
 
     provenance: dict[str, Any] = {
@@ -193,6 +197,9 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
         "data": probe.provenance() | {"n_used": int(N), "n_unreadable": len(collected.bad),
                                       **({"synth": synth_info} if synth_info else {})},
         "device": collected.device,
+        "precision": collected.precision,
+        "batch_size_used": collected.batch_size,
+        "world_size": collected.world_size,
         "torch_threads": torch.get_num_threads(),
         "cache": collected.cache,
         "timings": {k: round(v, 4) for k, v in timings.items()},
