@@ -40,24 +40,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'auditor.demo' has no attribute {name!r}")
 
 
-__all__ = [
-    "ARTIFACT_CONCEPTS",
-    "CONCEPTS",
-    "CONCEPT_GROUPS",
-    "DEMO_ARTIFACTS",
-    "DEMO_CLASSES",
-    "DEMO_IMAGE_SIZE",
-    "DEMO_LAYER",
-    "DEMO_SHORTCUT_ARTIFACT",
-    "DEMO_SHORTCUT_CLASS",
-    "DEMO_WATERMARK_CHANNELS",
-    "DEMO_WEIGHTS",
-    "DemoNet",
-    "DemoSet",
-    "Shortcut",
-    "generate",
-    "images_to_tensor",
-    "layer_means",
-    "load_demo_model",
-    "make_probe_set",
-]
+__all__ = ["ARTIFACT_CONCEPTS", "CONCEPTS", "CONCEPT_GROUPS", "DemoSet", "Shortcut", "generate",
+           "make_probe_set", *_MODEL_NAMES]
