@@ -251,6 +251,9 @@ class AuditResult(_Record):
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(self.to_json())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are as readable as the reports
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -296,7 +296,9 @@ class _Builder:
                 by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
             strongest = None
             if hits:
-                lyr, n, f = max(hits, key=lambda h: (h[2].auroc if _finite(h[2].auroc) else -1,
+                # Strongest: the artifact alone predicts the neuron best, then the formula's AUROC.
+                lyr, n, f = max(hits, key=lambda h: (h[2].artifact_auroc if _finite(h[2].artifact_auroc) else -1,
+                                                     h[2].auroc if _finite(h[2].auroc) else -1,
                                                      -(h[2].p_adjusted if _finite(h[2].p_adjusted) else 1.0)))
                 strongest = {
                     "anchor": self.anchor(layer_pos[lyr.name], n.index),
@@ -480,7 +482,10 @@ class _Builder:
         r = self.result
         layers = [self.layer(i, lyr) for i, lyr in enumerate(r.layers)]
         flagged = [(i, lyr, n) for i, lyr in enumerate(r.layers) for n in lyr.neurons if n.flagged]
-        flagged.sort(key=lambda t: (t[0], -max((f.auroc for f in t[2].flags if _finite(f.auroc)), default=0.0),
+        flagged.sort(key=lambda t: (t[0],
+                                    -max((f.artifact_auroc for f in t[2].flags if _finite(f.artifact_auroc)),
+                                         default=0.0),
+                                    -max((f.auroc for f in t[2].flags if _finite(f.auroc)), default=0.0),
                                     t[2].index))
         cards = [self.card(i, lyr, n) for i, lyr, n in flagged[:MAX_CARDS]]
         overflow = [
