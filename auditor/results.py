@@ -276,4 +276,10 @@ class AuditResult(_Record):
                 f"{path} has schema_version {data['schema_version']!r}; this auditor reads "
                 f"{SCHEMA_VERSION.split('.')[0]}.x — re-run the audit or use a matching auditor version"
             )
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ReportError as exc:
+            raise ReportError(f"{path}: {exc}") from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise ReportError(f"{path} does not follow the results schema {SCHEMA_VERSION} "
+                              f"({type(exc).__name__}: {exc}); see docs/results-schema.md") from None
