@@ -44,6 +44,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         "seed": "INVERT search", "bootstrap": "INVERT search",
         "flag_max_p": "flagging", "flag_min_auroc": "flagging", "artifact_auroc": "flagging",
         "flag_margin": "flagging", "fail_on_flag": "flagging",
+        "flag_partial_auroc": "flagging", "flag_min_support": "flagging",
     }
     for name, info in FIELDS.items():
         if name in skip:

@@ -146,6 +146,9 @@ class AuditConfig(BaseModel):
                                   "(also the artifact-sensitive threshold)")
     flag_margin: float = Field(0.05, ge=0.0, le=1.0, description="AUROC lost when the artifact is removed "
                                "from the formula that also shows its part")
+    flag_partial_auroc: float = Field(0.6, ge=0.5, le=1.0, description="AUROC the artifact alone must reach when "
+                                      "the flag rests on the margin (a context-specific detector)")
+    flag_min_support: int = Field(10, ge=1, description="fewest images a flagged formula must hold on")
     fail_on_flag: bool = Field(True, description="exit with code 1 when neurons are flagged")
 
     # -- output ------------------------------------------------------------------

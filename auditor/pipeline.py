@@ -244,7 +244,8 @@ def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, 
 
 def thresholds_of(cfg: AuditConfig) -> Thresholds:
     return Thresholds(flag_max_p=cfg.flag_max_p, flag_min_auroc=cfg.flag_min_auroc,
-                      artifact_auroc=cfg.artifact_auroc, flag_margin=cfg.flag_margin)
+                      artifact_auroc=cfg.artifact_auroc, flag_margin=cfg.flag_margin,
+                      flag_partial_auroc=cfg.flag_partial_auroc, flag_min_support=cfg.flag_min_support)
 
 
 def summarise_concepts(Y, concept_names: list[str], artifacts, display_names=None, descriptions=None):

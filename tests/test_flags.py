@@ -65,3 +65,19 @@ def test_sensitive_without_artifact_in_formula():
 
 def test_dead_neuron():
     assert flag_neuron(None, {"watermark": float("nan")}, T, _part()) == ([], [])
+
+
+def test_narrow_formula_is_not_flagged():
+    # the random-weight ResNet-18 case: 3 images, margin and its test pass by selection, artifact alone 0.44
+    ast = ["and", ["and", "yellow", "watermark"], "dots"]
+    best = Explanation(formula="(yellow AND watermark) AND dots", ast=ast, length=3, auroc=0.97, fraction=0.015,
+                       support=3, p_value=1e-4, log10_p=-4, p_adjusted=2e-3)
+    flags, _ = flag_neuron(best, {"watermark": 0.44}, T, _part(without=0.7, cond_auroc=0.99, cond_p=4e-3))
+    assert flags == []
+    wide = Explanation(formula=best.formula, ast=ast, length=3, auroc=0.97, fraction=0.15, support=30,
+                       p_value=1e-8, log10_p=-8, p_adjusted=1e-6)
+    # enough support, but the artifact alone is below flag_partial_auroc: still not a watermark detector
+    flags, _ = flag_neuron(wide, {"watermark": 0.55}, T, _part(without=0.7, cond_auroc=0.99, cond_p=1e-6))
+    assert flags == []
+    flags, _ = flag_neuron(wide, {"watermark": 0.65}, T, _part(without=0.7, cond_auroc=0.99, cond_p=1e-6))
+    assert [f.artifact for f in flags] == ["watermark"]
