@@ -4,7 +4,8 @@ A neuron is **flagged** for an artifact concept when all of these hold:
 
 1. the artifact appears un-negated in the neuron's best formula;
 2. the formula's Benjamini–Hochberg adjusted p-value is at most ``flag_max_p``;
-3. the formula's AUROC is at least ``flag_min_auroc``;
+3. the formula's AUROC is at least ``flag_min_auroc`` (and, when a held-out split
+   is used, also its AUROC on the held-out images);
 4. the formula holds on at least ``flag_min_support`` images;
 5. the artifact's own part is shown: the artifact alone reaches AUROC
    ``artifact_auroc``, *or* all of: removing it from the formula costs at least
@@ -98,6 +99,9 @@ def flag_neuron(best: Explanation | None, artifact_auroc: dict[str, float], thre
         p_adj = best.p_adjusted if best.p_adjusted is not None else best.p_value
         if p_adj is None or p_adj > thresholds.flag_max_p or best.auroc < thresholds.flag_min_auroc \
                 or best.support < thresholds.flag_min_support:
+            continue
+        # With a held-out split, the formula must also hold up on images the search never saw.
+        if best.heldout_auroc is not None and not best.heldout_auroc >= thresholds.flag_min_auroc:
             continue
         ev = part(art)
         without = ev.auroc_without

@@ -81,3 +81,12 @@ def test_narrow_formula_is_not_flagged():
     assert flags == []
     flags, _ = flag_neuron(wide, {"watermark": 0.65}, T, _part(without=0.7, cond_auroc=0.99, cond_p=1e-6))
     assert [f.artifact for f in flags] == ["watermark"]
+
+
+def test_heldout_auroc_must_hold_up():
+    import dataclasses
+    best = _best("watermark", "watermark")
+    kept = dataclasses.replace(best, heldout_auroc=0.85)
+    dropped = dataclasses.replace(best, heldout_auroc=0.6)
+    assert flag_neuron(kept, {"watermark": 0.9}, T, _part(None, 0.9, 1e-9))[0]
+    assert flag_neuron(dropped, {"watermark": 0.9}, T, _part(None, 0.9, 1e-9))[0] == []
