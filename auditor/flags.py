@@ -55,7 +55,7 @@ class Thresholds:
                 "artifact_auroc": self.artifact_auroc, "flag_margin": self.flag_margin,
                 "flag_partial_auroc": self.flag_partial_auroc, "flag_min_support": self.flag_min_support,
                 "rule": "artifact un-negated in the best formula AND p_adjusted <= flag_max_p AND "
-                        "auroc >= flag_min_auroc AND support >= flag_min_support AND "
+                        "auroc (and held-out auroc, if any) >= flag_min_auroc AND support >= flag_min_support AND "
                         "(artifact's own AUROC >= artifact_auroc OR "
                         "(auroc - auroc(formula without the artifact) >= flag_margin AND, among images where the "
                         "formula without the artifact holds, the artifact raises the activation with one-sided "
