@@ -21,20 +21,9 @@ from torch import nn
 from auditor.demo.data import SHAPES
 from auditor.errors import ModelError
 
-__all__ = [
-    "DEMO_ARTIFACTS",
-    "DEMO_CLASSES",
-    "DEMO_IMAGE_SIZE",
-    "DEMO_LAYER",
-    "DEMO_SHORTCUT_ARTIFACT",
-    "DEMO_SHORTCUT_CLASS",
-    "DEMO_WATERMARK_CHANNELS",
-    "DEMO_WEIGHTS",
-    "DemoNet",
-    "images_to_tensor",
-    "layer_means",
-    "load_demo_model",
-]
+from auditor.demo import _MODEL_NAMES  # noqa: E402  (the package lists this module's public names)
+
+__all__ = list(_MODEL_NAMES)
 
 DEMO_IMAGE_SIZE: int = 64
 DEMO_CLASSES: list[str] = list(SHAPES)
