@@ -18,12 +18,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from auditor.demo import _MODEL_NAMES
 from auditor.demo.data import SHAPES
 from auditor.errors import ModelError
 
-from auditor.demo import _MODEL_NAMES  # noqa: E402  (the package lists this module's public names)
-
-__all__ = list(_MODEL_NAMES)
+__all__ = list(_MODEL_NAMES)  # the package lists them, so it can load this module lazily
 
 DEMO_IMAGE_SIZE: int = 64
 DEMO_CLASSES: list[str] = list(SHAPES)
