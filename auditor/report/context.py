@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from ..results import AuditResult, Concept, Distribution, Explanation, Flag, LayerResult, NeuronResult
+from ..results import AuditResult, Concept, Explanation, Flag, LayerResult, NeuronResult
 from . import figures
 from .env import data_image, fmt_num, fmt_seconds
 from .tables import concept_usage, neuron_row
@@ -96,16 +96,6 @@ def _p_sort(p_adjusted: Any, log10_p: Any) -> float | None:
     if _finite(log10_p):
         return round(float(log10_p), 4)
     return -1e9 if _finite(p_adjusted) else None
-
-
-def _record(value: Any, cls: type) -> Any:
-    """``value`` as ``cls`` when it arrived as a plain dict.
-
-    ``AuditResult.from_dict`` (schema 1.0) leaves ``X | None`` fields of record type
-    (``distribution``, ``beams``) as dicts; the report must render a loaded
-    ``results.json`` all the same.
-    """
-    return cls.from_dict(value) if isinstance(value, dict) else value
 
 
 # -- formulas as tokens (the template styles them) ---------------------------------
@@ -243,10 +233,10 @@ class _Builder:
     def card(self, layer_pos: int, layer: LayerResult, neuron: NeuronResult) -> dict[str, Any]:
         best = neuron.best
         tokens = self.tokens(best)
-        dist = _record(neuron.distribution, Distribution)
+        dist = neuron.distribution
         beams = []
         for length, beam in enumerate(neuron.beams or [], start=1):
-            beams.append({"length": length, "items": [self._beam_item(_record(e, Explanation)) for e in beam]})
+            beams.append({"length": length, "items": [self._beam_item(e) for e in beam]})
         return {
             "anchor": self.anchor(layer_pos, neuron.index),
             "layer": layer.name,
