@@ -182,7 +182,8 @@ class ProbeSet:
         return out
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(1 << 20):
@@ -517,13 +518,13 @@ def load_probe_set(images: str | os.PathLike | None, labels: str | os.PathLike |
     if hierarchy:
         h = read_hierarchy(hierarchy)
         table = expand(table, h)
-        h_file, h_sha = str(hierarchy), _sha256(Path(hierarchy))
+        h_file, h_sha = str(hierarchy), sha256_file(Path(hierarchy))
     if not table.concepts and not allow_no_concepts:
         raise DataError(f"the concept set is empty: {listed_in} names no concept; a probe set needs concept labels")
     pairs = compute_pairs(table.labels, table.concepts, source_rows)
     return ProbeSet(root=root, paths=paths, labels=table.labels, concepts=list(table.concepts),
                     labels_file=str(labels_path) if labels_path is not None else None,
-                    labels_sha256=_sha256(labels_path) if labels_path is not None else None,
+                    labels_sha256=sha256_file(labels_path) if labels_path is not None else None,
                     display_names=table.display_names, descriptions=table.descriptions,
                     source_rows=source_rows, labels_format=table.format, hierarchy_file=h_file,
                     hierarchy_sha256=h_sha, warnings=list(table.warnings), pairs=pairs)

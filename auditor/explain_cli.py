@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -17,15 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .data import sha256_file
 from .errors import DataError
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_activations(path: str) -> np.ndarray:
@@ -111,9 +103,9 @@ def run_explain(ns: argparse.Namespace) -> int:
               "length": ns.length, "beam": ns.beam, "min_fraction": ns.min_fraction,
               "max_fraction": ns.max_fraction, "limit_search": ns.limit_search, "mode": ns.mode,
               "alternative": ns.alternative, "heldout": ns.heldout, "seed": ns.seed, "device": ns.device}
-    provenance = {"activations": {"path": str(ns.activations), "sha256": _sha256(Path(ns.activations)),
+    provenance = {"activations": {"path": str(ns.activations), "sha256": sha256_file(Path(ns.activations)),
                                   "shape": list(A.shape)},
-                  "data": {"labels_file": str(ns.labels), "labels_sha256": _sha256(Path(ns.labels)),
+                  "data": {"labels_file": str(ns.labels), "labels_sha256": sha256_file(Path(ns.labels)),
                            "n_images": int(A.shape[0]), "n_concepts": len(concepts)},
                   "device": ns.device, "timings": timings, "packages": package_versions()}
     result = AuditResult(schema_version=SCHEMA_VERSION, tool={"name": "auditor", "version": __version__},

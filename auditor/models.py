@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import sha256_file
 from .errors import LayerError, ModelError, did_you_mean
 
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights", "module")
@@ -58,14 +59,6 @@ class LoadedModel:
         return {"spec": self.spec, "kind": self.kind, "weights": self.weights,
                 "weights_sha256": self.file_sha256, "n_parameters": self.n_parameters,
                 "class": type(self.module).__name__, **self.info}
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def torchvision_names() -> list[str]:

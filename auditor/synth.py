@@ -452,7 +452,7 @@ def synthesise_cached(images: str | os.PathLike, labels: str | os.PathLike | Non
     ``synth:`` section prepares its probe set: nothing is written next to the
     user's images.
     """
-    from .data import _sha256, load_probe_set
+    from .data import load_probe_set, sha256_file
 
     load_plugins(plugins)
     artifacts = list(artifacts)
@@ -461,7 +461,7 @@ def synthesise_cached(images: str | os.PathLike, labels: str | os.PathLike | Non
     fractions = parse_fraction(fraction, artifacts)
     probe = load_probe_set(images, labels, labels_format=labels_format, allow_no_concepts=True)
     key_src = {"format": SYNTH_FORMAT, "images": probe.image_fingerprint(),
-               "labels": _sha256(Path(labels)) if labels else None, "labels_format": labels_format,
+               "labels": sha256_file(Path(labels)) if labels else None, "labels_format": labels_format,
                "artifacts": artifacts, "fraction": fractions, "seed": int(seed), "params": params,
                "generators": _generator_fingerprint(artifacts), "versions": _versions()}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
