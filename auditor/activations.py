@@ -1138,7 +1138,7 @@ def _collect(model, layers, probe, reductions, dev, dinfo, t0, *, transform, tra
             log(f"activation cache hit: {N} images × {len(layers)} layer(s) reused from {folder}")
             return _result(final, probe, on_bad_image, dev, precision, batch_size, world, t0, 0,
                            {"status": "hit", "key": key, "dir": str(folder), "chunks": len(chunks),
-                            "reused": len(chunks)})
+                            "reused": len(chunks), "images_fingerprint": images_fp})
 
         # -- chunks: reuse the committed ones, compute the rest (this rank's share)
         mine = list(range(len(chunks))) if dinfo is None else dinfo.shard(list(range(len(chunks))))
@@ -1203,7 +1203,7 @@ def _collect(model, layers, probe, reductions, dev, dinfo, t0, *, transform, tra
         status = "partial" if n_reused else "miss"
         return _result(final, probe, on_bad_image, dev, precision, batch_used, world, t0, n_done,
                        {"status": status, "key": key, "dir": None if scratch else str(folder), "chunks": len(chunks),
-                        "reused": n_reused},
+                        "reused": n_reused, "images_fingerprint": images_fp},
                        compute_seconds=compute_s if dinfo is None else time.perf_counter() - t0)
     finally:
         if scratch is not None:

@@ -194,7 +194,9 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
         "model": loaded.provenance(),
         "layers": layers,
         "preprocessing": pre.plain(),
-        "data": probe.provenance() | {"n_used": int(N), "n_unreadable": len(collected.bad),
+        # The collection already fingerprinted every image: reuse it instead of a second stat per image.
+        "data": probe.provenance(collected.cache.get("images_fingerprint")) | {
+                                      "n_used": int(N), "n_unreadable": len(collected.bad),
                                       **({"synth": synth_info} if synth_info else {})},
         "device": collected.device,
         "precision": collected.precision,
