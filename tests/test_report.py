@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
-import importlib.util
 import io
 import json
 import math
@@ -26,21 +25,16 @@ from auditor.report.context import PDF_TABLE_LIMIT, build_context, formula_token
 from auditor.report.html import render_context
 from auditor.results import AuditResult, Concept
 
+import report_fixtures  # tests/ is on sys.path (rootdir conftest)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SRC_HREF = re.compile(r"""(?:src|href|action|poster|srcset)\s*=\s*["']?\s*(?:https?:)?//""", re.I)
 
 
-def _load_fixtures():
-    spec = importlib.util.spec_from_file_location("report_fixtures", HERE / "report_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def fx():
-    return _load_fixtures()
+    return report_fixtures
 
 
 @pytest.fixture(scope="module")

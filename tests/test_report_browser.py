@@ -6,7 +6,6 @@ another binary.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 
 import auditor.report as report
+
+import report_fixtures  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.slow
 
@@ -36,16 +37,9 @@ def _chromium() -> str | None:
     return None
 
 
-def _load_fixtures():
-    spec = importlib.util.spec_from_file_location("report_fixtures", HERE / "report_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def result():
-    return _load_fixtures().make_result()
+    return report_fixtures.make_result()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -13,21 +12,16 @@ import pytest
 import auditor.report as report
 from auditor.report.context import formula_tokens, tokens_text
 
+import report_fixtures  # tests/ is on sys.path (rootdir conftest)
+
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).resolve().parent
 
 
-def _load_fixtures():
-    spec = importlib.util.spec_from_file_location("report_fixtures", HERE / "report_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def result():
-    return _load_fixtures().make_result()
+    return report_fixtures.make_result()
 
 
 @pytest.fixture(scope="module")
