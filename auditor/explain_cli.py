@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .columns import check_finite
 from .data import sha256_file
 from .errors import DataError
 
@@ -51,9 +52,33 @@ def load_activations(path: str) -> np.ndarray:
                         "reduce spatial dimensions first (e.g. mean over H, W)")
     if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
         raise DataError(f"activations {p} have dtype {arr.dtype}; expected numbers")
-    if not np.isfinite(np.asarray(arr[: min(len(arr), 100000)], dtype=np.float64)).all():
-        raise DataError(f"activations {p} contain NaN or infinite values")
+    check_finite(arr, f"activations {p}")  # in slabs of rows: a memmap is never copied whole
     return arr
+
+
+def parse_neurons(spec: str | None, K: int) -> list[int] | None:
+    """``--neurons``: indices and half-open ranges, e.g. ``0:64,100,200:210``; None = all."""
+    if spec is None or not spec.strip():
+        return None
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if ":" in part:
+                lo, hi = part.split(":", 1)
+                lo_i, hi_i = int(lo or 0), int(hi) if hi else K
+                if lo_i < 0 or hi_i > K or lo_i >= hi_i:
+                    raise ValueError
+                out.extend(range(lo_i, hi_i))
+            else:
+                i = int(part)
+                if not 0 <= i < K:
+                    raise ValueError
+                out.append(i)
+        except ValueError:
+            raise DataError(f"--neurons {spec!r}: {part!r} is not a neuron index or range (start:stop) "
+                            f"within 0..{K}") from None
+    return sorted(set(out))
 
 
 def run_explain(ns: argparse.Namespace) -> int:
@@ -86,8 +111,9 @@ def run_explain(ns: argparse.Namespace) -> int:
     params = invert.InvertParams(length=ns.length, beam=ns.beam, min_fraction=ns.min_fraction,
                                  max_fraction=ns.max_fraction, limit_search=ns.limit_search, mode=ns.mode,
                                  alternative=ns.alternative, heldout=ns.heldout, seed=ns.seed, device=ns.device)
+    which = parse_neurons(getattr(ns, "neurons", None), A.shape[1])
     t = time.perf_counter()
-    explained = invert.explain(A, Yu, names, params, progress=not ns.quiet)
+    explained = invert.explain(A, Yu, names, params, neurons=which, progress=not ns.quiet)
     t_explain = time.perf_counter() - t
     art_cols = [concepts.index(a) for a in artifacts]
     Y_art = Y[:, art_cols]
@@ -102,7 +128,8 @@ def run_explain(ns: argparse.Namespace) -> int:
     config = {"activations": str(ns.activations), "labels": str(ns.labels), "artifacts": artifacts,
               "length": ns.length, "beam": ns.beam, "min_fraction": ns.min_fraction,
               "max_fraction": ns.max_fraction, "limit_search": ns.limit_search, "mode": ns.mode,
-              "alternative": ns.alternative, "heldout": ns.heldout, "seed": ns.seed, "device": ns.device}
+              "alternative": ns.alternative, "heldout": ns.heldout, "seed": ns.seed, "device": ns.device,
+              **({"neurons": getattr(ns, "neurons")} if which is not None else {})}
     provenance = {"activations": {"path": str(ns.activations), "sha256": sha256_file(Path(ns.activations)),
                                   "shape": list(A.shape)},
                   "data": {"labels_file": str(ns.labels), "labels_sha256": sha256_file(Path(ns.labels)),
@@ -119,6 +146,6 @@ def run_explain(ns: argparse.Namespace) -> int:
     written = write_outputs(result, ns.out, formats)
     for fmt, path in written.items():
         print(f"auditor: {fmt}: {path}", file=sys.stderr)
-    print(f"auditor: explained {A.shape[1]} neurons × {len(names)} concepts over {A.shape[0]} images in "
+    print(f"auditor: explained {len(explained)} neurons × {len(names)} concepts over {A.shape[0]} images in "
           f"{timings['total_s']:.2f} s (search {t_explain:.2f} s)", file=sys.stderr)
     return 0

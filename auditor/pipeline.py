@@ -19,16 +19,19 @@ import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import __version__
-from .config import AuditConfig
+from .columns import ColumnBlocks, compact_rows
 from .errors import ConfigError, DataError
 from .flags import PartEvidence, Thresholds, flag_neuron
 from .results import (SCHEMA_VERSION, AuditResult, Concept, Distribution, Explanation, LayerResult,
                       NeuronResult, TopImage)
+
+if TYPE_CHECKING:  # pydantic is not needed by `auditor explain`
+    from .config import AuditConfig
 
 Log = Callable[[str], None]
 
@@ -87,7 +90,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     from .activations import build_transform, collect, state_hash
     from .data import check_artifacts, load_probe_set
     from .models import load_model, resolve_layer
-    from .paired import neuron_paired, paired_effects_by_artifact
+    from .paired import neuron_paired
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -165,7 +168,9 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     timings["explain_s"] = timings["evidence_s"] = 0.0
     for name in layers:
         layer_acts = collected.layers[name]
-        A = np.asarray(layer_acts.values[keep_rows], dtype=np.float64)
+        # The float32 activations as collected (a memmap at scale), never a float64 copy of the
+        # layer: INVERT and the statistics below read them in blocks of neurons.
+        A = compact_rows(layer_acts.values, keep_rows, None if cfg.no_cache else cfg.cache_path)
         t = time.perf_counter()
         device = collected.device if cfg.device != "cpu" else "cpu"
         params = invert.InvertParams(length=cfg.length, beam=cfg.beam, min_fraction=cfg.min_fraction,
@@ -176,7 +181,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
 
         t = time.perf_counter()
         neurons = neuron_results(A, explained, Yu, names, list(cfg.artifacts), Y_art, thresholds)
-        effects = paired_effects_by_artifact(A, used.pairs, list(cfg.artifacts), used.clean_rows)
+        effects = _paired_in_blocks(A, used.pairs, list(cfg.artifacts), used.clean_rows)
         if effects:
             neurons = [_replace(n, paired=neuron_paired(effects, n.index)) for n in neurons]
         neurons = _add_evidence(neurons, A, Yu, names, layer_acts, probe, row_of, cfg, geometry)
@@ -226,9 +231,11 @@ def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, 
     # The strongest unflagged neurons get evidence too, so the report can show what normal looks like.
     ranked = sorted((i for i, n in enumerate(neurons) if n.explanations and i not in detail),
                     key=lambda i: -neurons[i].explanations[0].auroc)
-    for i in sorted(set(detail) | set(ranked[:5])):
+    chosen = sorted(set(detail) | set(ranked[:5]), key=lambda i: neurons[i].index)
+    columns = ColumnBlocks(A, [neurons[i].index for i in chosen])
+    for i in chosen:
         n = neurons[i]
-        a = A[:, n.index]
+        a = columns.column(n.index)
         dist = None
         exps = list(n.explanations)
         if exps:
@@ -242,6 +249,19 @@ def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, 
                            top_image_views, thumbnail, overlay, data_uri)
         neurons[i] = _replace(n, explanations=exps, distribution=dist, top_images=tops)
     return neurons
+
+
+def _paired_in_blocks(A, pairs, artifacts, clean_rows):
+    """:func:`paired_effects_by_artifact` over blocks of neurons (each neuron's statistics
+    depend on its own column only), so A is never copied whole."""
+    from .paired import paired_effects_by_artifact
+
+    if not any(len(pairs.get(a, ())) for a in artifacts):
+        return {}
+    parts = [paired_effects_by_artifact(block.T, pairs, artifacts, clean_rows)
+             for _, block in ColumnBlocks(A).blocks()]
+    return {art: {key: np.concatenate([p[art][key] for p in parts]) for key in parts[0][art]}
+            for art in parts[0]}
 
 
 def thresholds_of(cfg: AuditConfig) -> Thresholds:
@@ -291,14 +311,19 @@ def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], Y_a
     from . import invert
 
     Y_art = np.asarray(Y_art, dtype=bool)
-    art_auroc = invert.auroc(A, Y_art) if artifacts else np.zeros((A.shape[1], 0))
     neurons: list[NeuronResult] = []
+    # float64 columns read a block of neurons at a time (A may be a float32 memmap of 10⁶ rows)
+    columns = ColumnBlocks(A, [ne.index for ne in explained])
+    art_auroc: dict[int, np.ndarray] = {}
+    if artifacts:
+        for cols, block in columns.blocks():
+            art_auroc.update(zip(cols.tolist(), invert.auroc(block.T, Y_art)))
     for ne in explained:
         k = ne.index
-        a = A[:, k]
+        a = columns.column(k)
         exps = [_explanation(f) for f in ne.formulas]
         beams = [[_explanation(f) for f in beam] for beam in ne.beams] if ne.beams else None
-        aa = {art: float(art_auroc[k, i]) for i, art in enumerate(artifacts)}
+        aa = {art: float(art_auroc[k][i]) for i, art in enumerate(artifacts)}
         best = exps[0] if exps else None
 
         def part(art: str, best=best, a=a) -> PartEvidence:

@@ -115,14 +115,35 @@ def _csv_safe(value: Any) -> Any:
     return value
 
 
+_TEXT_COLUMNS = ("layer", "status", "formula", "flags", "sensitive")
+_SAFE_COLUMNS = ("layer", "formula", "flags", "sensitive")
+
+
+def _csv_cell(col: str, value: Any) -> str:
+    """One cell as ``neurons_table(result).to_csv()`` writes it (empty for missing values)."""
+    if value is None:
+        return ""
+    if col in INT_COLUMNS:
+        return str(int(value))
+    if col == "flagged":
+        return str(bool(value))
+    if col in _TEXT_COLUMNS:
+        return _csv_safe(value) if col in _SAFE_COLUMNS else str(value)
+    f = float(value)
+    return "" if f != f else repr(f)
+
+
 def write_csv(result: AuditResult, path: str | Path) -> Path:
-    """``neurons.csv``: :func:`neurons_table`, with text cells that a spreadsheet would
+    """``neurons.csv``: the rows of :func:`neurons_table` (the same text pandas' ``to_csv``
+    writes for it, without importing pandas), with text cells that a spreadsheet would
     evaluate (starting with ``= + - @``) prefixed by ``'``."""
     path = Path(path)
-    df = neurons_table(result)
-    for col in ("layer", "formula", "flags", "sensitive"):
-        df[col] = df[col].map(_csv_safe)
-    df.to_csv(path, index=False, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+    cols = columns(result)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        w.writerow(cols)
+        for row in iter_rows(result):
+            w.writerow([_csv_cell(c, row.get(c)) for c in cols])
     return path
 
 
