@@ -17,8 +17,9 @@ run: ``run_audit`` + ``write_outputs`` in a child process, with the probe set an
     collection mocked at that size (the collection returns D/activations.npy as the
     layer's memmap, as ``collect`` does); the model is a real one-layer module.
     ``--neurons`` restricts the INVERT call to a subset as above.
-collect: the public ``collect`` on a cheap model (a 1×1 convolution to K channels on
-    3×2×2 synthetic tensors), N images, top-9 images per unit, a cache folder.
+collect: the public ``collect`` on a cheap model (Flatten + Linear(12, K) + ReLU on
+    3×2×2 synthetic tensors made on the fly), N images, top-9 images per unit, a cache
+    folder (chunks of 16,384 images, batches of 2,048).
 
 Memory is sampled from the parent every 50 ms in /proc/PID/status of the child:
 RssAnon (anonymous: heap, numpy arrays) separately from RssFile (file-backed pages of
@@ -151,7 +152,7 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
             "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
             "peak_rss_anon_mib": peaks["RssAnon"] / 1024, "peak_rss_file_mib": peaks["RssFile"] / 1024,
             "vmhwm_mib": peaks["VmHWM"] / 1024, "loadavg_before": load0[0], "loadavg_after": os.getloadavg()[0],
-            "samples": len(trace), "trace_every_20th": trace[::20], "output_tail": out[-3000:]}
+            "samples": len(trace), "trace": trace[:: max(1, len(trace) // 40)], "output_tail": out[-3000:]}
 
 
 def machine() -> dict:
@@ -230,17 +231,18 @@ def collect_child(N: int, K: int, cache: Path) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, K, 1), torch.nn.ReLU()).eval()
+    # a linear layer to K units (no spatial maps to keep for the top images)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, K), torch.nn.ReLU()).eval()
     g = torch.linspace(0, 1, 12).view(3, 2, 2)
 
     def image(i: int) -> torch.Tensor:
         return torch.sin(g * (1 + i % 89) + i * 1e-3)
 
     t = time.perf_counter()
-    got = collect(model, ["1"], TensorImages(image, n=N, fingerprint=f"scale:{N}"), transform=None,
+    got = collect(model, ["2"], TensorImages(image, n=N, fingerprint=f"scale:{N}"), transform=None,
                   transform_desc={}, model_hash=state_hash(model), batch_size=2048, chunk_size=16384,
                   device="cpu", top_k=9, cache_dir=cache, progress=False)
-    la = got.layers["1"]
+    la = got.layers["2"]
     print(json.dumps({"seconds": time.perf_counter() - t, "values_shape": list(la.values.shape),
                       "memmap": isinstance(la.values, np.memmap), "top_index_shape": list(la.top_index.shape),
                       "images_fingerprint": got.cache.get("images_fingerprint"),

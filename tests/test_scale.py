@@ -208,3 +208,17 @@ def test_explain_neurons_subset_equals_the_full_run(tmp_path, capsys):
     rc = main(args + ["--out", str(tmp_path / "bad"), "--neurons", "2:9"])
     assert rc == 2 and "--neurons '2:9'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_from_a_memmap_in_chunks_equals_cpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    A, Y, names = _problem(11, N=600, K=10)
+    np.save(tmp_path / "a.npy", A)
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    cpu = invert.explain(A, Y, names, invert.InvertParams(length=3, beam=3))
+    for chunk in (3, 10):
+        got = invert.explain(mm, Y, names, invert.InvertParams(length=3, beam=3, device="cuda", chunk_neurons=chunk))
+        assert got == cpu
