@@ -183,7 +183,7 @@ def run_child(d: Path, out: Path, neurons: str | None) -> None:
     import scipy.sparse as sp
     import torch
 
-    import auditor.activations as acts
+    import auditor.collect as acts
     import auditor.data as data
     from auditor import invert
     from auditor.config import load_config
@@ -227,7 +227,7 @@ def run_child(d: Path, out: Path, neurons: str | None) -> None:
 def collect_child(N: int, K: int, cache: Path) -> None:
     import torch
 
-    from auditor.activations import TensorImages, collect, state_hash
+    from auditor.collect import TensorImages, collect, state_hash
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -222,3 +222,33 @@ def test_cuda_from_a_memmap_in_chunks_equals_cpu(tmp_path):
     for chunk in (3, 10):
         got = invert.explain(mm, Y, names, invert.InvertParams(length=3, beam=3, device="cuda", chunk_neurons=chunk))
         assert got == cpu
+
+
+def test_topk_packed_key_selects_what_two_stable_sorts_select():
+    """The streaming top-k's one-topk selection equals the reference order (value desc, ties
+    by the lower probe index) on ties, -0.0, infinities and half precision."""
+    torch = pytest.importorskip("torch")
+    from auditor.collect.topk import _top_rows
+
+    def reference(values, idx, k):
+        order = torch.argsort(idx, dim=0, stable=True)
+        order = torch.gather(order, 0, torch.argsort(-torch.gather(values, 0, order), dim=0, stable=True))
+        return order[:k]
+
+    g = torch.Generator().manual_seed(0)
+    for t in range(150):
+        n, K = int(torch.randint(1, 300, (1,), generator=g)), int(torch.randint(1, 20, (1,), generator=g))
+        v = torch.round(torch.randn(n, K, generator=g) * 3) / 2
+        v[torch.rand(n, K, generator=g) < 0.3] = 0.0
+        v[torch.rand(n, K, generator=g) < 0.1] = -0.0
+        v[torch.rand(n, K, generator=g) < 0.05] = float("inf")
+        v[torch.rand(n, K, generator=g) < 0.05] = -float("inf")
+        if t % 3 == 0:
+            v = v.half()
+        idx = torch.randperm(10_000, generator=g)[:n].view(-1, 1).expand(n, K).clone()
+        k = int(torch.randint(1, n + 1, (1,), generator=g))
+        got, want = _top_rows(v, idx, k), reference(v, idx, k)
+        assert torch.equal(got, want), t
+    v64 = torch.randn(50, 3, dtype=torch.float64, generator=g)  # float64: the two-sort path
+    idx = torch.arange(50).view(-1, 1).expand(50, 3)
+    assert torch.equal(_top_rows(v64, idx, 7), reference(v64, idx, 7))
