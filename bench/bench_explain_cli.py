@@ -8,13 +8,16 @@ K = 512 float32 neurons), written once to --data (activations.npy, labels.npz).
 Command timed (a fresh process each time, all included: interpreter start, imports,
 loading, INVERT with L = 3, B = 3, statistics, results.json and neurons.csv):
 
-    python -m auditor.cli explain -q --activations DIR/activations.npy --labels DIR/labels.npz \
+    auditor explain -q --activations DIR/activations.npy --labels DIR/labels.npz \
         --length 3 --beam 3 --out OUT
 
 Baselines, interleaved with the runs so that all see the same machine load:
 * ``python -c "import torch"`` (what the CPU path no longer pays);
 * with ``--baseline-ref REF``: the same command from the code at git revision REF
-  (exported with ``git archive`` to a temp folder and put first on PYTHONPATH).
+  (exported with ``git archive`` to a temp folder and imported from there: each variant
+  starts as ``python -c BOOT explain ...``, where BOOT drops an editable install's import
+  hook, puts the variant's folder first on sys.path, checks where ``auditor`` came from
+  and calls ``auditor.cli.main``).
 
 Reported per variant: median and all wall times, median CPU time (user + sys of the
 child), peak RSS (ru_maxrss of the child), the 1-minute load average around each run.
@@ -35,6 +38,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+BOOT = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in "
+        "(getattr(f, '__module__', '') or '') + type(f).__module__]; sys.path.insert(0, {!r}); "
+        "import auditor; assert auditor.__file__.startswith({!r}), auditor.__file__; "
+        "from auditor.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def timed(cmd: list[str], env: dict) -> dict:
@@ -68,11 +75,16 @@ def main() -> int:
                         "--baseline-candidates", "2", "--save-dir", str(args.data)], check=True,
                        stdout=subprocess.DEVNULL)
     out = Path(tempfile.mkdtemp(prefix="bench-explain-out-"))
-    explain = ["-m", "auditor.cli", "explain", "-q", "--activations", str(args.data / "activations.npy"),
+    explain = ["explain", "-q", "--activations", str(args.data / "activations.npy"),
                "--labels", str(args.data / "labels.npz"), "--length", "3", "--beam", "3"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", ""))
-    env = {k: v for k, v in env.items() if v != ""}
-    variants = {"explain (this code)": ([py, *explain, "--out", str(out / "new")], env),
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def cli(code_dir: Path) -> list[str]:
+        # `python -c BOOT explain ...`: the package from code_dir, whatever is installed (an editable
+        # install's import hook would otherwise win over PYTHONPATH)
+        return [py, "-c", BOOT.format(str(code_dir), str(code_dir))]
+
+    variants = {"explain (this code)": ([*cli(ROOT), *explain, "--out", str(out / "new")], env),
                 "python -c 'import torch'": ([py, "-c", "import torch"], env)}
     old = None
     if args.baseline_ref:
@@ -80,8 +92,7 @@ def main() -> int:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline_ref, "auditor"],
                                  check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-        variants[f"explain at {args.baseline_ref} (before)"] = (
-            [py, *explain, "--out", str(out / "old")], dict(env, PYTHONPATH=str(old)))
+        variants[f"explain at {args.baseline_ref} (before)"] = ([*cli(old), *explain, "--out", str(out / "old")], env)
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     try:
         for name, (cmd, e) in variants.items():  # warm-up: file cache, .pyc files
