@@ -2,13 +2,19 @@
 
 Exit codes: 0 the audit ran and nothing was flagged (always for ``demo``);
 1 the audit ran and neurons were flagged (``--fail-on-flag``, on by default for
-``run``); 2 the audit could not run, with one line on stderr naming the bad input.
+``run``); 2 the audit could not run, with one line on stderr naming the bad input —
+or any other failure (a full disk, a read-only folder, a bug: ``--debug`` shows the
+traceback); 130 interrupted by Ctrl-C; 143 stopped by SIGTERM. 1 means "flagged" and
+nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import traceback
 import typing
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,7 @@ from . import __version__
 from .errors import AuditorError
 
 EXIT_OK, EXIT_FLAGGED, EXIT_ERROR = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
 def _err(msg: str) -> None:
@@ -191,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Audit a trained PyTorch image model neuron by neuron: INVERT explanations, "
                     "artifact (Clever Hans) flags, HTML/PDF reports.")
     parser.add_argument("--version", action="version", version=f"auditor {__version__}")
+    debug_help = "on an error, print the traceback too (or set AUDITOR_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="audit the embedded demo model (no inputs needed) and write a report",
@@ -273,23 +282,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--formats", default=None, help="comma-separated (default: html,pdf,csv,junit)")
     p.set_defaults(func=cmd_render)
+    for p in sub.choices.values():  # `auditor run --debug …` works as well as `auditor --debug run …`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError that reached the CLI: what happened, the path, what to do."""
+    where = f" {exc.filename}" if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where += f" -> {exc.filename2}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+        return f"{what} writing{where or ' (path unknown)'}; free space or choose another --out / --cache-dir"
+    if exc.errno == errno.EROFS:
+        return f"read-only file system:{where}; choose a writable --out / --cache-dir"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied:{where}; choose a folder you can write (--out / --cache-dir)"
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"{text}:{where}" if where else f"{type(exc).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import interrupt
+
     parser = build_parser()
     ns = parser.parse_args(argv)
     if not getattr(ns, "func", None):
         parser.print_help()
         return EXIT_ERROR
-    try:
-        return ns.func(ns)
-    except AuditorError as exc:
-        _err(str(exc))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        _err("interrupted; completed activation chunks are kept in the cache and reused on the next run")
-        return 130
+    debug = bool(getattr(ns, "debug", False)) or os.environ.get("AUDITOR_DEBUG", "") not in ("", "0")
+    with interrupt.handlers():
+        try:
+            return ns.func(ns)
+        except AuditorError as exc:
+            if debug:
+                traceback.print_exc()
+            _err(str(exc))
+            return exc.exit_code
+        except interrupt.Terminated:
+            _err("terminated by SIGTERM; partial files were removed (--out holds one whole run, as before or "
+                 "new), and completed activation chunks stay in the cache for the next run")
+            return EXIT_TERMINATED
+        except KeyboardInterrupt:
+            _err("interrupted; completed activation chunks are kept in the cache and reused on the next run")
+            return EXIT_INTERRUPTED
+        except OSError as exc:
+            if debug:
+                traceback.print_exc()
+            _err(os_error_line(exc))
+            return EXIT_ERROR
+        except Exception as exc:  # a bug: one line, never exit 1 (that means "flagged")
+            if debug:
+                traceback.print_exc()
+            where = _origin(exc)
+            _err(f"unexpected {type(exc).__name__}: {_one_line(exc)}{where} — this is a bug in auditor or an "
+                 "input it does not recognise; rerun with --debug for the traceback and report it")
+            return EXIT_ERROR
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + (" …" if len(text) > 300 else "") if text else "(no message)"
+
+
+def _origin(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    if not tb:
+        return ""
+    last = tb[-1]
+    return f" (at {os.path.basename(last.filename)}:{last.lineno})"
 
 
 if __name__ == "__main__":  # pragma: no cover

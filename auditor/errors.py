@@ -36,6 +36,10 @@ class ReportError(AuditorError):
     """A saved result cannot be read or rendered."""
 
 
+class OutputError(AuditorError):
+    """The output folder cannot be written as asked (a file auditor did not write, a lock held)."""
+
+
 def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ``" (did you mean 'a', 'b'?)"`` or an empty string."""
     choices = list(choices)

@@ -4,7 +4,8 @@ config ─► model + layer ─► activations ─► INVERT ─► flags ─►
                 probe set (images, concept labels) ─┘
 
 Writing is separate (:func:`write_outputs`): every output is rendered into a
-staging folder next to ``--out`` and moved into place only when all succeeded.
+fresh folder inside ``--out`` and switched into place at once when all succeeded
+(:mod:`auditor.outdir`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -25,7 +25,7 @@ import numpy as np
 
 from . import __version__
 from .config import AuditConfig
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, ReportError, did_you_mean
 from .flags import PartEvidence, Thresholds, flag_neuron
 from .results import (SCHEMA_VERSION, AuditResult, Concept, Distribution, Explanation, LayerResult,
                       NeuronResult, TopImage)
@@ -363,27 +363,19 @@ def _top_images(k, layer_acts, probe, row_of, artifacts, geometry, views_fn, thu
 # -- writing ------------------------------------------------------------------------------
 
 def write_outputs(result: AuditResult, out: str | os.PathLike,
-                  formats: tuple[str, ...] = ("html", "pdf", "json", "csv", "junit")) -> dict[str, Path]:
-    """Render every format into a staging folder, then move the files into ``out``.
+                  formats: tuple[str, ...] = ("html", "pdf", "json", "csv", "junit"),
+                  log: Log = _stderr) -> dict[str, Path]:
+    """Render every format into a fresh run folder inside ``out``, then switch ``out`` to it at once.
 
-    If anything fails, ``out`` is left exactly as it was.
+    ``out`` then holds exactly this run's outputs (an earlier run's other formats are
+    gone); if anything fails, ``out`` is left exactly as it was. See :mod:`auditor.outdir`
+    for the steps and what a kill between them leaves.
     """
-    from .report import render
+    from .outdir import publish
+    from .report import FORMATS, render
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=parent))
-    try:
-        written = render(result, staging, formats=formats)
-        out.mkdir(exist_ok=True)
-        final: dict[str, Path] = {}
-        for fmt, path in written.items():
-            target = out / path.name
-            os.replace(path, target)
-            final[fmt] = target
-        return final
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ReportError(f"unknown report format {unknown[0]!r}{did_you_mean(unknown[0], FORMATS)}; "
+                          f"expected some of: {', '.join(FORMATS)}")
+    return publish(out, lambda folder: render(result, folder, formats=formats), log=log)
