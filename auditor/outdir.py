@@ -140,7 +140,9 @@ def _legacy_files(out: Path) -> list[str]:
     return present
 
 
-def _check_owned(out: Path, has_current: bool) -> None:
+def _check_owned(out: Path, has_current: bool) -> list[str]:
+    """Refuse an output name auditor did not write; return plain files left by an interrupted take-over."""
+    twins = []
     for name in (*OUTPUT_NAMES.values(), MANIFEST):
         p = out / name
         if not os.path.lexists(p) or _is_our_link(p, name):
@@ -149,11 +151,13 @@ def _check_owned(out: Path, has_current: bool) -> None:
             # Left by an interrupted take-over of an older folder: the same file is in the run folder.
             twin = out / STATE / "current" / name
             if twin.is_file() and (os.path.samefile(p, twin) or filecmp.cmp(p, twin, shallow=False)):
+                twins.append(name)
                 continue
         if not has_current and name != MANIFEST and p.is_file() and not p.is_symlink():
             continue  # judged by _legacy_files
         raise OutputError(f"{p} was not written by auditor; auditor never overwrites files it did not write — "
                           "move it away or choose another --out")
+    return twins
 
 
 # -- the folder ----------------------------------------------------------------------------------
@@ -210,6 +214,9 @@ def _tidy(out: Path, state: Path) -> None:
         p = out / name
         if _is_our_link(p, name) and not p.exists():
             p.unlink()
+        tmp = out / f".{name}.auditor-link"
+        if tmp.is_symlink():
+            tmp.unlink()
 
 
 def _new_run_folder(state: Path, prefix: str) -> Path:
@@ -302,7 +309,7 @@ def publish(out: str | os.PathLike, produce: Callable[[Path], dict[str, Path]],
 def _publish_locked(out: Path, state: Path, produce: Callable[[Path], dict[str, Path]]) -> dict[str, Path]:
     _tidy(out, state)
     has_current = _current_run(state) is not None
-    _check_owned(out, has_current)
+    twins = _check_owned(out, has_current)
     legacy = [] if has_current else _legacy_files(out)
     run = _new_run_folder(state, "run-")
     switched = False
@@ -318,6 +325,8 @@ def _publish_locked(out: Path, state: Path, produce: Callable[[Path], dict[str, 
         with interrupt.critical():
             if legacy:
                 _take_over_legacy(out, state, legacy)
+            for name in twins:  # finish a take-over a kill cut short: same bytes, now behind a link
+                _replace_with_link(out, name)
             old = _current_run(state)
             new_names = [p.name for p in written.values()] + [MANIFEST]
             for name in new_names:  # step 1: links for new names (resolve to nothing yet)

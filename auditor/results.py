@@ -37,6 +37,80 @@ def _clean(value: Any) -> Any:
     return value
 
 
+# -- plausibility of numbers read back (render of an edited or damaged file) --------------------
+
+_UNIT_NAMES = {  # name -> what it is; value must lie in [0, 1]
+    **dict.fromkeys(("auroc", "effect", "auroc_ci", "effect_ci", "artifact_auroc"), "an AUROC"),
+    **dict.fromkeys(("p_value", "p_adjusted", "heldout_p_value", "conditional_p", "wilcoxon_p", "flag_max_p"),
+                    "a p-value"),
+    **dict.fromkeys(("fraction", "frac_zero", "frac_rise", "flip_rate", "control_flip_rate"), "a fraction"),
+}
+_COUNT_NAMES = {"support", "inside", "outside", "index", "neuron", "output_shape", "length"}
+_MAX_COUNT = 2 ** 53
+#: No number auditor writes is larger: activations are float32, counts fit int64.
+_MAX_FLOAT = 3.4028234663852886e38
+_MAX_INT = 2 ** 63
+
+
+def _unit_kind(name: str) -> str | None:
+    if name in _UNIT_NAMES:
+        return _UNIT_NAMES[name]
+    if name.endswith("_auroc"):
+        return "an AUROC"
+    if name.endswith("_p_value"):
+        return "a p-value"
+    if name.endswith("_fraction") or name.endswith("_rate"):
+        return "a fraction"
+    return None
+
+
+def _path_text(path: list[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "(top level)"
+
+
+def check_values(data: Any, path: list[str | int] | None = None) -> None:
+    """Raise :class:`ReportError` naming the first impossible number in plain results data.
+
+    NaN and infinities (auditor writes ``null`` for an undefined value), AUROCs,
+    p-values and fractions outside [0, 1], negative or fractional counts, a positive
+    log10 p-value, and magnitudes no audit can produce (beyond float32 / int64).
+    """
+    path = path or []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            check_values(v, path + [str(k)])
+        return
+    if isinstance(data, list):
+        for i, v in enumerate(data):
+            check_values(v, path + [i])
+        return
+    if isinstance(data, bool) or not isinstance(data, (int, float)):
+        return
+    names = [p for p in path if isinstance(p, str)]
+    name = names[-1] if names else ""
+    parent = names[-2] if len(names) > 1 else ""
+
+    def bad(why: str) -> ReportError:
+        shown = repr(data) if not isinstance(data, int) or abs(data) < 10 ** 20 else f"a {len(str(abs(data)))}-digit number"
+        return ReportError(f"{_path_text(path)} = {shown} {why}; the file is damaged or was edited — "
+                           "re-run the audit (or restore the file) and render again")
+
+    if isinstance(data, float) and not math.isfinite(data):
+        raise bad("is not a finite number")
+    if abs(data) > (_MAX_INT if isinstance(data, int) else _MAX_FLOAT):
+        raise bad("is larger than any value an audit produces")
+    kind = _unit_kind(name) or (_unit_kind(parent) if parent == "artifact_auroc" else None)
+    if kind and not 0.0 <= data <= 1.0:
+        raise bad(f"is outside [0, 1] ({kind})")
+    if "log10_p" in name and data > 0:
+        raise bad("is positive (a log10 p-value is at most 0)")
+    if (name in _COUNT_NAMES or name.startswith("n_")) and not (0 <= data <= _MAX_COUNT and data == int(data)):
+        raise bad("is not a count (a whole number from 0 to 2**53)")
+
+
 class _Record:
     """Mixin: ``to_dict`` / ``from_dict`` driven by the dataclass fields."""
 
@@ -266,8 +340,8 @@ class AuditResult(_Record):
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ReportError(f"results file not found: {path}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ReportError(f"cannot read results file {path}: {exc}") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            raise ReportError(f"cannot read results file {path}: {' '.join(str(exc).split())[:300]}") from None
         if not isinstance(data, dict) or "schema_version" not in data:
             raise ReportError(f"{path} is not an auditor results file (no 'schema_version')")
         major = str(data["schema_version"]).split(".")[0]
@@ -276,6 +350,10 @@ class AuditResult(_Record):
                 f"{path} has schema_version {data['schema_version']!r}; this auditor reads "
                 f"{SCHEMA_VERSION.split('.')[0]}.x — re-run the audit or use a matching auditor version"
             )
+        try:
+            check_values(data)
+        except ReportError as exc:
+            raise ReportError(f"{path}: {exc}") from None
         try:
             return cls.from_dict(data)
         except ReportError as exc:
