@@ -160,6 +160,10 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     Yu = Y[:, usable]
     Y_art = used.dense_columns(list(cfg.artifacts)) if cfg.artifacts else np.zeros((N, 0), dtype=bool)
     thresholds = thresholds_of(cfg)
+    for msg in small_probe_warnings(N, {a: int(Y_art[:, i].sum()) for i, a in enumerate(cfg.artifacts)},
+                                    thresholds, cfg.max_fraction):
+        log(f"warning: {msg}")
+        warnings.append(msg)
 
     results: list[LayerResult] = []
     timings["explain_s"] = timings["evidence_s"] = 0.0
@@ -242,6 +246,44 @@ def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, 
                            top_image_views, thumbnail, overlay, data_uri)
         neurons[i] = _replace(n, explanations=exps, distribution=dist, top_images=tops)
     return neurons
+
+
+def best_possible_p(n_pos: int, n: int) -> float:
+    """The smallest two-sided Mann-Whitney p-value any neuron can reach for a split of ``n``
+    images into ``n_pos`` and ``n - n_pos``: the one of a perfect separation."""
+    from . import invert
+
+    if not 0 < n_pos < n:
+        return 1.0
+    y = np.zeros(n, dtype=bool)
+    y[n - n_pos:] = True  # the n_pos highest activations, no ties
+    return invert.mannwhitney(np.arange(n, dtype=np.float64), y, "two-sided")[0]
+
+
+def small_probe_warnings(n: int, artifact_counts: dict[str, int], thresholds: Thresholds,
+                         max_fraction: float = 0.5) -> list[str]:
+    """Say so when the probe set is too small for any finding to be evidence.
+
+    A neuron is flagged only at p <= ``flag_max_p``; with few images even a perfect
+    separation cannot get there (2 images: p = 1). Findings then come from chance
+    alone, so the run says so instead of reporting them silently.
+    """
+    out: list[str] = []
+    alpha = thresholds.flag_max_p
+    best_any = best_possible_p(max(1, min(n // 2, int(max_fraction * n) or 1)), n)
+    if best_any > alpha or n < thresholds.flag_min_support:
+        out.append(f"probe set too small for any finding: with {n} usable image(s) the smallest p-value any "
+                   f"formula can reach is {best_any:.3g} (flag_max_p {alpha:g}) and a flag needs "
+                   f"{thresholds.flag_min_support} images in support; no flag can be raised, and any "
+                   "artifact-sensitive mark is chance — use a larger probe set (hundreds of images)")
+        return out
+    for art, k in artifact_counts.items():
+        p = best_possible_p(k, n)
+        if p > alpha:
+            out.append(f"artifact {art!r} is on {k} of {n} image(s): even a neuron that separates them perfectly "
+                       f"gets p = {p:.3g} > flag_max_p {alpha:g}, so no neuron can be flagged for it — label "
+                       "more images with and without it")
+    return out
 
 
 def thresholds_of(cfg: AuditConfig) -> Thresholds:

@@ -353,3 +353,47 @@ def test_sigterm_while_collecting_leaves_no_temporary_files(colour_args, tmp_pat
     assert "terminated by SIGTERM" in _one_error(err)
     assert not list(cache.rglob(".tmp-*"))
     assert not Path(args[args.index("--out") + 1]).exists()
+
+
+# -- a probe set too small for any finding -------------------------------------------------------------------
+
+def test_small_probe_warnings_follow_the_exact_test():
+    from scipy.stats import mannwhitneyu
+
+    from auditor.flags import Thresholds
+    from auditor.pipeline import small_probe_warnings
+
+    th = Thresholds()
+    assert "too small for any finding" in small_probe_warnings(2, {"stamp": 1}, th)[0]
+    assert "too small for any finding" in small_probe_warnings(9, {"stamp": 4}, th)[0]  # < flag_min_support
+    # 160 images, the artifact on 1: a perfect separation has exact p = 2/160 > 0.01 -> warned.
+    exact = mannwhitneyu([1.0], [0.0] * 159, method="exact").pvalue
+    assert exact == pytest.approx(2 / 160) and exact > th.flag_max_p
+    (msg,) = small_probe_warnings(160, {"stamp": 1, "text": 40}, th)
+    assert "artifact 'stamp' is on 1 of 160" in msg and "0.0125" in msg
+    assert small_probe_warnings(160, {"stamp": 2, "text": 40}, th) == []  # exact p = 2/C(160,2) passes
+
+
+def test_two_image_probe_set_warns_instead_of_finding(tmp_path, capsys):
+    from PIL import Image
+
+    from conftest import COLOUR_MODEL
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32), (230, 20, 20)).save(images / "a.png")
+    im = Image.new("RGB", (32, 32), (20, 20, 230))
+    im.paste((240, 10, 240), (4, 4, 16, 16))
+    im.save(images / "b.png")
+    (tmp_path / "labels.csv").write_text("path,red,stamp\na.png,1,0\nb.png,0,1\n")
+    out = tmp_path / "out"
+    rc = main(["run", "-q", "--model", COLOUR_MODEL, "--layer", "act", "--images", str(images),
+               "--labels", str(tmp_path / "labels.csv"), "--artifacts", "stamp", "--no-normalize",
+               "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--formats", "json",
+               "--device", "cpu", "--min-fraction", "0"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "warning: probe set too small for any finding: with 2 usable image(s)" in err
+    data = json.loads((out / "results.json").read_text())
+    assert any("probe set too small for any finding" in w for w in data["warnings"])
+    assert not any(n["flags"] for layer in data["layers"] for n in layer["neurons"])
