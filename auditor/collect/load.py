@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from ..images import open_rgb
 from ..models import Preprocessing
 
 def build_transform(pre: Preprocessing, normalize: bool = True):
@@ -127,9 +128,8 @@ class ProbeImages(Dataset):
                 if not data:
                     raise ValueError("empty file")
                 return torch.frombuffer(data, dtype=torch.uint8), idx, ""
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                x = self.transform(im) if self.transform is not None else _to_tensor(im)
+            im = open_rgb(path)  # 16-bit scaled, not clipped; decompression bombs refused (a ValueError)
+            x = self.transform(im) if self.transform is not None else _to_tensor(im)
             return x, idx, ""
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             return None, idx, f"{type(exc).__name__}: {exc}"
