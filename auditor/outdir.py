@@ -335,14 +335,21 @@ def _publish_locked(out: Path, state: Path, produce: Callable[[Path], dict[str, 
             _fsync_dir(out)
             _switch_pointer(state, run)  # step 2: the switch
             switched = True
-            for name in (*OUTPUT_NAMES.values(), MANIFEST):  # step 3: links the new run has no file for
-                if name not in new_names and _is_our_link(out / name, name):
-                    (out / name).unlink()
-            _fsync_dir(out)
+            try:
+                for name in (*OUTPUT_NAMES.values(), MANIFEST):  # step 3: links the new run has no file for
+                    if name not in new_names and _is_our_link(out / name, name):
+                        (out / name).unlink()
+                _fsync_dir(out)
+            except OSError:  # the run is published; a link left resolves to nothing and the next run removes it
+                pass
         if old is not None and old != run.resolve():  # step 4
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         if not switched:
             shutil.rmtree(run, ignore_errors=True)
+            try:
+                _tidy(out, state)  # links added in step 1 for this run's files
+            except OSError:
+                pass
         raise
     return {fmt: out / p.name for fmt, p in written.items()}

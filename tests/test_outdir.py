@@ -259,3 +259,24 @@ def test_run_folders_are_readable_like_the_reports(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o777 & ~umask
+
+
+def test_error_during_the_switch_moves_leaves_old_run_and_no_dangling_link(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    outdir.publish(out, producer("a", ("json",)))
+    real = os.symlink
+    calls = {"n": 0}
+
+    def symlink(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second new link: the metadata write hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device", str(a[1]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(os, "symlink", symlink)
+    with pytest.raises(OSError):
+        outdir.publish(out, producer("b", ("json", "csv", "junit")))
+    monkeypatch.undo()
+    assert visible(out) == expected("a", ("json",))
+    assert sorted(p.name for p in out.iterdir()) == [".auditor", ".auditor-manifest.json", "results.json"]
+    assert_clean(out, {})
