@@ -1,7 +1,8 @@
 """User-facing errors.
 
 Every failure a user can cause is an :class:`AuditorError`. The CLI maps them to
-exit code 2 with a one-line message; anything else is a bug in auditor.
+exit code 2 with a one-line message; anything else is a bug in auditor (the CLI
+still exits 2 with one line for it; ``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
