@@ -44,6 +44,23 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def check_pixels(data: bytes) -> None:
+    """Raise :class:`ImageTooLarge` if the encoded image's header declares more pixels than
+    Pillow's limit (reads the header only; an undecodable header is left to the decoder)."""
+    import io
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)):
+                pass
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise ImageTooLarge(f"image past Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} "
+                                f"pixels ({exc})") from None
+        except Exception:  # noqa: BLE001 - not for Pillow to judge; the device decoder reports it
+            pass
+
+
 def open_rgb(path: str | Path) -> Image.Image:
     """Open and decode ``path`` as 8-bit RGB (see :func:`to_rgb`); refuse decompression bombs."""
     with warnings.catch_warnings():

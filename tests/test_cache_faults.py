@@ -270,6 +270,19 @@ def test_image_swapped_with_same_size_and_mtime_is_a_miss(setup, tmp_path):
 
 # -- image loading ----------------------------------------------------------------------------------------------
 
+def _grey_model() -> torch.nn.Module:
+    """Hand-set weights: neuron 0 = mean of (R+G+B)/3 over the image, neuron 1 = its negation's ReLU (0)."""
+    from collections import OrderedDict
+
+    conv = torch.nn.Conv2d(3, 2, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0] = 1 / 3
+        conv.weight[1] = -1 / 3
+        conv.bias.zero_()
+    return torch.nn.Sequential(OrderedDict(conv=conv, act=torch.nn.ReLU())).eval()
+
+
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     from auditor.images import open_rgb
 
@@ -283,18 +296,17 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     assert np.array_equal(got[..., 0], grey8) and np.array_equal(got[..., 1], grey8)
 
 
-def test_16_bit_probe_image_gives_the_8_bit_activations(setup, tmp_path):
-    probe, model, tf = setup
-    ref = np.array(_collect(model, probe, tf).layers["act"].values)
-    # make row 0 a grey 16-bit copy and a grey 8-bit copy: both must give the same activations
+def test_16_bit_probe_image_gives_the_8_bit_activations(setup):
+    probe, _, tf = setup
+    model = _grey_model()
     src = probe.root / probe.paths[0]
     grey = np.asarray(Image.open(src).convert("L"))
-    Image.fromarray(grey.astype(np.uint16) * 257).save(src)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(src)  # the same picture, 16 bits per pixel
     a16 = np.asarray(_collect(model, probe, tf).layers["act"].values)[0]
+    assert a16[0] == pytest.approx(grey.mean() / 255, abs=1e-5)  # clipping would give ~1.0
     Image.fromarray(grey).save(src)
     a8 = np.asarray(_collect(model, probe, tf).layers["act"].values)[0]
     assert np.allclose(a16, a8, atol=1e-6)
-    assert ref.shape[0] == len(probe)
 
 
 def _bomb_probe(tmp_path, colour_probe):
@@ -327,3 +339,35 @@ def test_decompression_bomb_skip_and_error(colour_args, colour_probe, tmp_path, 
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["provenance"]["data"]["n_unreadable"] == 1
     assert any(victim.name in w for w in data["warnings"])
+
+
+def test_device_decode_scales_16_bit_and_refuses_bombs(tmp_path, monkeypatch):
+    """``--decode device`` (here on the CPU): same two rules as the PIL path."""
+    from auditor.data import ProbeSet
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    greys = [rng.integers(0, 256, (32, 32), dtype=np.uint8) for _ in range(4)]
+    for i, g in enumerate(greys):
+        Image.fromarray(g).save(root / f"g8_{i}.png")
+        Image.fromarray(g.astype(np.uint16) * 257).save(root / f"g16_{i}.png")
+    model = _grey_model()
+    pre = Preprocessing(resize=None, crop=None, mean=None, std=None)
+    _, tf = build_transform(pre, normalize=False)
+    kw = dict(transform=tf, transform_desc=pre.plain(), model_hash="c", batch_size=4, device="cpu", top_k=3,
+              progress=False, decode="device", preprocessing=pre, normalize=False)
+
+    def run(prefix, **extra):
+        probe = ProbeSet(root=root, paths=[f"{prefix}_{i}.png" for i in range(4)],
+                         labels=np.zeros((4, 1), dtype=bool), concepts=["c"])
+        return collect(model, ["act"], probe, **kw, **extra)
+
+    a8 = np.asarray(run("g8").layers["act"].values)
+    a16 = np.asarray(run("g16").layers["act"].values)
+    assert np.allclose(a8[:, 0], [g.mean() / 255 for g in greys], atol=1e-5)
+    assert np.allclose(a16, a8, atol=1e-6)
+    Image.new("L", (80, 80), 7).save(root / "g8_2.png")  # 6,400 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    got = run("g8", on_bad_image="skip")
+    assert list(got.ok) == [True, True, False, True] and "decompression-bomb" in got.bad[0][1]
