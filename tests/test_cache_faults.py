@@ -371,3 +371,24 @@ def test_device_decode_scales_16_bit_and_refuses_bombs(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
     got = run("g8", on_bad_image="skip")
     assert list(got.ok) == [True, True, False, True] and "decompression-bomb" in got.bad[0][1]
+
+
+def test_corrupt_cache_keeps_the_verdict(colour_args, capsys):
+    """A flagged audit (exit 1) stays flagged when its cached activations are replaced by a
+    valid array of another width or with other values: the cache is recomputed, not served."""
+    from pathlib import Path
+
+    args = ["run"] + colour_args + ["--formats", "json"]
+    assert main(args) == 1
+    capsys.readouterr()
+    cache = Path(colour_args[colour_args.index("--cache-dir") + 1])
+    values = _key_dir(cache) / "values-000.npy"
+    original = np.load(values)
+    np.save(values, np.zeros((original.shape[0], original.shape[1] - 1), dtype=np.float32))
+    assert main(args) == 1
+    assert "activation cache in" in capsys.readouterr().err
+    np.save(values, np.zeros_like(original))
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "does not match its recorded sha256" in err and "recomputing" in err
+    assert np.array_equal(np.load(values), original)
