@@ -43,6 +43,7 @@ seconds, then exits 2.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import filecmp
 import hashlib
 import json
@@ -306,7 +307,23 @@ def publish(out: str | os.PathLike, produce: Callable[[Path], dict[str, Path]],
         raise
 
 
+def _check_links(state: Path) -> None:
+    """Fail early, before rendering, where the file system cannot hold symbolic links."""
+    probe = state / "link-probe"
+    probe.unlink(missing_ok=True)
+    try:
+        os.symlink("runs", probe)
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OutputError(f"the file system of {state.parent} cannot hold symbolic links ({exc.strerror}), "
+                              "which auditor uses to switch --out from one run to the next at once; write --out "
+                              "on another file system (any local Linux/macOS or NFS one) and copy it") from None
+        raise
+    probe.unlink()
+
+
 def _publish_locked(out: Path, state: Path, produce: Callable[[Path], dict[str, Path]]) -> dict[str, Path]:
+    _check_links(state)
     _tidy(out, state)
     has_current = _current_run(state) is not None
     twins = _check_owned(out, has_current)

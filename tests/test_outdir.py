@@ -280,3 +280,19 @@ def test_error_during_the_switch_moves_leaves_old_run_and_no_dangling_link(tmp_p
     assert visible(out) == expected("a", ("json",))
     assert sorted(p.name for p in out.iterdir()) == [".auditor", ".auditor-manifest.json", "results.json"]
     assert_clean(out, {})
+
+
+def test_a_file_system_without_symlinks_is_refused_before_rendering(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    outdir.publish(out, producer("a", ("json",)))
+
+    def no_links(*a, **kw):
+        raise OSError(errno.EPERM, "Operation not permitted", str(a[1]))
+
+    rendered = []
+    monkeypatch.setattr(os, "symlink", no_links)
+    with pytest.raises(OutputError, match="cannot hold symbolic links"):
+        outdir.publish(out, lambda folder: rendered.append(folder) or {})
+    monkeypatch.undo()
+    assert rendered == [] and visible(out) == expected("a", ("json",))
+    assert_clean(out, {})
