@@ -397,3 +397,16 @@ def test_two_image_probe_set_warns_instead_of_finding(tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     assert any("probe set too small for any finding" in w for w in data["warnings"])
     assert not any(n["flags"] for layer in data["layers"] for n in layer["neurons"])
+
+
+def test_explain_on_two_images_warns_too(tmp_path, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "A.npy", np.array([[0.1, 0.2], [0.9, 0.3]], dtype=np.float32))
+    (tmp_path / "L.csv").write_text("path,wm,x\na,0,1\nb,1,0\n")
+    rc = main(["explain", "--activations", str(tmp_path / "A.npy"), "--labels", str(tmp_path / "L.csv"),
+               "--artifacts", "wm", "--out", str(tmp_path / "out"), "-q"])
+    assert rc == 0
+    assert "warning: probe set too small for any finding" in capsys.readouterr().err
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert any("too small for any finding" in w for w in data["warnings"])
