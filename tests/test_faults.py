@@ -410,3 +410,15 @@ def test_explain_on_two_images_warns_too(tmp_path, capsys):
     assert "warning: probe set too small for any finding" in capsys.readouterr().err
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert any("too small for any finding" in w for w in data["warnings"])
+
+
+def test_second_run_with_formats_json_leaves_only_its_own_files(old_out, results, capsys):
+    out, before = old_out
+    assert sorted(before) == ["junit.xml", "neurons.csv", "results.json"]
+    assert b"<failure" in before["junit.xml"]  # the first run's gate failure
+    (out / "notes.txt").write_text("mine")
+    assert main(["render", str(results), "--out", str(out), "--formats", "json"]) == 0
+    assert sorted(_files(out)) == ["notes.txt", "results.json"]
+    manifest = json.loads((out / outdir.MANIFEST).read_text())
+    assert list(manifest["files"]) == ["results.json"]
+    _nothing_left(out)
