@@ -124,7 +124,9 @@ def build_transform(pre: Preprocessing, normalize: bool = True):
 
     steps: list[Any] = []
     if pre.resize:
-        steps.append(T.Resize(pre.resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True))
+        mode = T.InterpolationMode.BICUBIC if getattr(pre, "interpolation", "bilinear") == "bicubic" \
+            else T.InterpolationMode.BILINEAR
+        steps.append(T.Resize(pre.resize, interpolation=mode, antialias=True))
     if pre.crop:
         steps.append(T.CenterCrop(pre.crop))
     geometry = T.Compose(list(steps))
@@ -305,7 +307,9 @@ def _decode_batch(datas, rows, dev, pre, normalize):
             continue
         x = im.float()
         if pre is not None and pre.resize:
-            x = F.resize(x, [pre.resize], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+            x = F.resize(x, [pre.resize], antialias=True,
+                         interpolation=F.InterpolationMode.BICUBIC if pre.interpolation == "bicubic"
+                         else F.InterpolationMode.BILINEAR)
         if pre is not None and pre.crop:
             x = F.center_crop(x, [pre.crop])
         out_imgs.append(x)

@@ -112,14 +112,15 @@ def _finish(result, written: dict[str, Path], fail_on_flag: bool) -> int:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
+    # A thin layer over the Python API: auditor.api.audit_config + AuditResult.save.
+    from .api import audit_config
     from .config import load_config
-    from .pipeline import run_audit, write_outputs
 
     cfg = load_config(ns.config, _overrides(ns))
-    result = run_audit(cfg, progress=not ns.quiet)
+    result = audit_config(cfg, progress=not ns.quiet)
     if result is None:  # worker rank of a torchrun launch: rank 0 writes the report
         return EXIT_OK
-    written = write_outputs(result, cfg.out, cfg.formats)
+    written = result.save(cfg.out, formats=cfg.formats)
     return _finish(result, written, cfg.fail_on_flag)
 
 
