@@ -184,6 +184,24 @@ def cmd_explain(ns: argparse.Namespace) -> int:
     return run_explain(ns)
 
 
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from .compare import compare_results, load_result
+
+    old, old_path = load_result(ns.old)
+    new, new_path = load_result(ns.new)
+    cmp = compare_results(old, new, match=ns.match, old_source=old_path, new_source=new_path)
+    for line in cmp.differences:
+        _info(f"WARNING: {line}")
+    written = cmp.save(ns.out, ns.formats)
+    for line in cmp.summary_lines():
+        _info(line)
+    for fmt, path in written.items():
+        _info(f"{fmt}: {path}")
+    if ns.fail_on_new and cmp.n_new:
+        return EXIT_FLAGGED
+    return EXIT_OK
+
+
 # -- parser ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--formats", default=None, help="comma-separated (default: html,pdf,csv,junit)")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("compare", help="what changed between two audits: newly / no longer / still flagged neurons",
+                       description="Compare two audits (results.json files or output folders), per artifact: "
+                                   "neurons newly flagged, no longer flagged and still flagged, with their "
+                                   "explanations. Threshold, rule and probe-set differences are stated first.")
+    p.add_argument("old", help="the earlier audit: results.json or its output folder")
+    p.add_argument("new", help="the later audit: results.json or its output folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--match", choices=["index", "activations"], default="index",
+                   help="match neurons by index (fine-tuned checkpoints; default) or by activation correlation "
+                        "on the shared probe set (retrained models; needs both activation caches)")
+    p.add_argument("--formats", default="html,pdf,json,junit", help="comma-separated (default: html,pdf,json,junit)")
+    p.add_argument("--fail-on-new", action="store_true", help="exit 1 when a neuron is newly flagged")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
