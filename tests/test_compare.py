@@ -157,3 +157,29 @@ def test_compare_pdf(audits, tmp_path):
     cmp = auditor.compare(audits["base"], audits["clean"])
     written = cmp.save(tmp_path / "p", formats=["pdf"])
     assert written["pdf"].read_bytes().startswith(b"%PDF")
+
+
+def test_compare_history_and_notebook_view_run_without_torch(audits, tmp_path):
+    """compare, history and the Jupyter view work from saved results alone: torch blocked."""
+    import subprocess
+
+    code = ("import sys, importlib.abc\n"
+            "class NoTorch(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r} (blocked by the test)')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            "import auditor\n"
+            "from auditor.cli import main\n"
+            "from auditor.history import History\n"
+            "a, b, out = sys.argv[1:4]\n"
+            "assert main(['compare', a, b, '--out', out, '--formats', 'html,json,junit']) == 0\n"
+            "r = auditor.load(b)\n"
+            "assert '<iframe' in r._repr_html_() and '<iframe' in auditor.compare(a, b)._repr_html_()\n"
+            "with History(out + '/h.sqlite') as h:\n"
+            "    h.record(r, source='api')\n"
+            "assert main(['history', out + '/h.sqlite']) == 0\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(audits["base"]), str(audits["clean"]), str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "o" / "compare.html").is_file()
