@@ -74,7 +74,7 @@ def test_timm_model_with_its_preprocessing(tmp_path):
     timm = pytest.importorskip("timm")
     import timm.data
 
-    from auditor.activations import build_transform
+    from auditor.collect import build_transform
 
     loaded = load_model("timm:resnet18")
     assert loaded.kind == "timm" and loaded.info["warning"].startswith("no --weights")
