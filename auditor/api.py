@@ -82,7 +82,7 @@ class _DatasetInput:
         import torch
 
         if isinstance(x, torch.Tensor):
-            return x.float()
+            return _tensor_input(x)
         return self.transform(x)
 
     def __repr__(self) -> str:
@@ -117,11 +117,28 @@ class DatasetProbeSet(ProbeSet):
         return out
 
 
+def _tensor_input(x: Any):
+    """A dataset tensor as model input: uint8 pixels (``read_image``) become [0, 1] floats, as from files."""
+    import torch
+
+    return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+
+
 def _image_of(item: Any, i: int) -> Any:
+    """The item's image as a PIL image or a (C, H, W) tensor (an (H, W, 3) uint8 array becomes a PIL image)."""
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         raise DataError(f"dataset item {i} is a {type(item).__name__}; the probe Dataset must yield "
                         "(image, concept_vector) pairs")
-    return item[0]
+    img = item[0]
+    if isinstance(img, np.ndarray):
+        if img.ndim == 3 and img.shape[2] in (1, 3) and img.dtype == np.uint8:
+            from PIL import Image
+
+            return Image.fromarray(img if img.shape[2] == 3 else img[..., 0]).convert("RGB")
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(img))
+    return img
 
 
 def _view(img: Any, geometry: Callable):
@@ -130,7 +147,7 @@ def _view(img: Any, geometry: Callable):
 
     if isinstance(img, Image.Image):
         return geometry(img.convert("RGB"))
-    t = torch.as_tensor(img).detach().float().cpu()
+    t = _tensor_input(torch.as_tensor(img).detach().cpu())
     if t.dim() != 3 or t.shape[0] not in (1, 3):
         return None
     lo, hi = float(t.min()), float(t.max())
@@ -164,6 +181,9 @@ def dataset_probe(dataset: Any, concepts: Sequence[str] | None = None) -> Datase
     for i in range(n):
         item = dataset[i]
         img = _image_of(item, i)
+        if isinstance(img, torch.Tensor) and (img.dim() != 3 or img.shape[0] not in (1, 3)):
+            raise DataError(f"dataset item {i}: image tensor of shape {tuple(img.shape)}; expected (C, H, W) "
+                            "with 1 or 3 channels")
         vec = item[1]
         v = np.asarray(vec.detach().cpu().numpy() if isinstance(vec, torch.Tensor) else vec, dtype=np.float64).ravel()
         if v.shape != (len(names),):

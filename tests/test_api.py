@@ -26,7 +26,7 @@ from colour_model import ColourNet  # noqa: E402
 class LabelledImages(torch.utils.data.Dataset):
     """The colour probe set as a Dataset of ([0, 1] tensor, concept vector)."""
 
-    def __init__(self, images: Path, labels: Path, as_pil: bool = False):
+    def __init__(self, images: Path, labels: Path, as_pil: bool | str = False):
         with open(labels, newline="") as fh:
             rows = list(csv.reader(fh))
         self.concepts = rows[0][1:]
@@ -40,6 +40,10 @@ class LabelledImages(torch.utils.data.Dataset):
         path, vec = self.items[i]
         with Image.open(path) as im:
             im = im.convert("RGB")
+            if self.as_pil == "uint8":  # torchvision.io.read_image style
+                return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous(), vec.tolist()
+            if self.as_pil == "array":  # an (H, W, 3) uint8 array, concept vector as numpy
+                return np.asarray(im).copy(), vec
             if self.as_pil:
                 return im.copy(), torch.from_numpy(vec)
             x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -72,7 +76,7 @@ def cli_result(colour_probe, tmp_path_factory):
     return json.loads((base / "out" / "results.json").read_text())
 
 
-@pytest.mark.parametrize("as_pil", [False, True])
+@pytest.mark.parametrize("as_pil", [False, True, "uint8", "array"])
 def test_api_on_model_and_dataset_equals_cli(cli_result, colour_probe, tmp_path, as_pil):
     images, labels = colour_probe
     model = ColourNet()
