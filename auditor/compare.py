@@ -272,8 +272,8 @@ def differences(a: AuditResult, b: AuditResult) -> list[str]:
 # -- activations from the cache -----------------------------------------------------------
 
 def cached_activations(r: AuditResult, layer: str, which: str) -> np.ndarray:
-    """The (N, K) activations of ``layer`` from the cache folder the result names; rows of
-    unreadable images are NaN. Raises ConfigError naming the cache when it is gone."""
+    """The (N, K) activations of ``layer`` (memory-mapped) from the cache folder the result names,
+    and the (N,) mask of images that were read. Raises ConfigError naming the cache when it is gone."""
     prov = r.provenance or {}
     cache = prov.get("cache") if isinstance(prov.get("cache"), dict) else {}
     layers = list(prov.get("layers") or [lyr.name for lyr in r.layers])
@@ -294,32 +294,52 @@ def cached_activations(r: AuditResult, layer: str, which: str) -> np.ndarray:
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"--match activations: cannot read the activation cache {folder} of the {which} "
                           f"audit ({exc}); re-run that audit, or use --match index") from None
-    values = np.asarray(values, dtype=np.float64)
-    if len(ok) == len(values):
-        values = values.copy()
-        values[~ok] = np.nan
-    return values
+    if len(ok) != len(values):
+        raise ConfigError(f"--match activations: the activation cache {folder} of the {which} audit is "
+                          "inconsistent (row counts differ); re-run that audit, or use --match index")
+    return values, ok
 
 
-def correlation_matrix(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Pearson correlation of every column of ``A`` with every column of ``B`` (0 for constant columns)."""
-    A = A - A.mean(axis=0)
-    B = B - B.mean(axis=0)
-    sa = np.sqrt((A * A).sum(axis=0))
-    sb = np.sqrt((B * B).sum(axis=0))
-    C = A.T @ B
+CHUNK_ROWS = 4096
+
+
+def correlation_matrix(A: np.ndarray, B: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Pearson correlation of every column of ``A`` with every column of ``B`` over ``rows``
+    (0 for constant columns). Streams over row chunks in float64, so memory-mapped (N, K)
+    arrays are never copied whole."""
+    n = A.shape[0]
+    idx = np.arange(n) if rows is None else np.flatnonzero(rows)
+    m = len(idx)
+    if m < 2:
+        return np.zeros((A.shape[1], B.shape[1]))
+    sa, sb = np.zeros(A.shape[1]), np.zeros(B.shape[1])
+    for start in range(0, m, CHUNK_ROWS):
+        sel = idx[start:start + CHUNK_ROWS]
+        sa += np.asarray(A[sel], dtype=np.float64).sum(axis=0)
+        sb += np.asarray(B[sel], dtype=np.float64).sum(axis=0)
+    ma, mb = sa / m, sb / m
+    C = np.zeros((A.shape[1], B.shape[1]))
+    va, vb = np.zeros(A.shape[1]), np.zeros(B.shape[1])
+    for start in range(0, m, CHUNK_ROWS):
+        sel = idx[start:start + CHUNK_ROWS]
+        a = np.asarray(A[sel], dtype=np.float64) - ma
+        b = np.asarray(B[sel], dtype=np.float64) - mb
+        C += a.T @ b
+        va += (a * a).sum(axis=0)
+        vb += (b * b).sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        C = C / np.outer(sa, sb)
+        C = C / np.outer(np.sqrt(va), np.sqrt(vb))
     return np.nan_to_num(C, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def match_by_activations(A: np.ndarray, B: np.ndarray) -> list[tuple[int, int, float]]:
+def match_by_activations(A: np.ndarray, B: np.ndarray, rows: np.ndarray | None = None
+                         ) -> list[tuple[int, int, float]]:
     """One-to-one matching of old neurons (columns of A) to new ones (columns of B) that
-    maximises the summed activation correlation: ``[(old, new, correlation)]``."""
+    maximises the summed activation correlation over ``rows`` (default: all):
+    ``[(old, new, correlation)]``."""
     from scipy.optimize import linear_sum_assignment
 
-    rows = np.isfinite(A).all(axis=1) & np.isfinite(B).all(axis=1)
-    C = correlation_matrix(A[rows], B[rows])
+    C = correlation_matrix(A, B, rows)
     r, c = linear_sum_assignment(C, maximize=True)
     return [(int(i), int(j), float(C[i, j])) for i, j in zip(r, c)]
 
@@ -409,12 +429,12 @@ def _pairs(a: AuditResult, b: AuditResult, la: LayerResult, lb: LayerResult, mat
     if match == "index":
         ia = {n.index for n in la.neurons}
         return [(i, i, None) for n in lb.neurons if (i := n.index) in ia], None, (None, None)
-    A = cached_activations(a, la.name, "old")
-    B = cached_activations(b, lb.name, "new")
+    A, ok_a = cached_activations(a, la.name, "old")
+    B, ok_b = cached_activations(b, lb.name, "new")
     if A.shape[0] != B.shape[0]:
         raise ConfigError(f"--match activations: the cached activations of layer {la.name} cover {A.shape[0]} and "
                           f"{B.shape[0]} images; both audits must use the same probe set")
-    pairs = match_by_activations(A, B)
+    pairs = match_by_activations(A, B, ok_a & ok_b)  # images both audits could read
     mean = float(np.mean([c for _, _, c in pairs])) if pairs else None
     ca = (a.provenance.get("cache") or {}).get("dir")
     cb = (b.provenance.get("cache") or {}).get("dir")

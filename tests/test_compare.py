@@ -138,6 +138,16 @@ def test_correlation_and_assignment_against_references():
     pairs = match_by_activations(A, B)
     best = max(itertools.permutations(range(5)), key=lambda p: sum(ref[i, p[i]] for i in range(5)))
     assert [j for _, j, _ in sorted(pairs)] == list(best) == [1, 3, 4, 2, 0]
+    # streamed in chunks over a row subset: the same as on the subset directly
+    import auditor.compare as c
+
+    rows = rng.random(50) < 0.7
+    old_chunk = c.CHUNK_ROWS
+    c.CHUNK_ROWS = 7
+    try:
+        assert np.allclose(correlation_matrix(A, B, rows), np.corrcoef(A[rows].T, B[rows].T)[:5, 5:])
+    finally:
+        c.CHUNK_ROWS = old_chunk
     # a constant (dead) neuron correlates 0 with everything, not NaN
     A[:, 0] = 1.0
     assert np.isfinite(correlation_matrix(A, B)).all() and (correlation_matrix(A, B)[0] == 0).all()
@@ -183,3 +193,22 @@ def test_compare_history_and_notebook_view_run_without_torch(audits, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "o" / "compare.html").is_file()
+
+
+def test_artifact_test_statuses_and_impact_are_carried(audits, tmp_path):
+    """Results that carry artifact_tests (per neuron) and impact (per artifact) show both in the comparison."""
+    a, b = auditor.load(audits["base"]), auditor.load(audits["clean"])
+    n_old = a.layers[0].neurons[2]
+    n_new = b.layers[0].neurons[2]
+    object.__setattr__(n_old, "artifact_tests", [{"artifact": "stamp", "status": "flagged"}])
+    object.__setattr__(n_new, "artifact_tests", [{"artifact": "stamp", "status": "near_miss"}])
+    object.__setattr__(a, "impact", [{"artifact": "stamp", "flip_rate": 0.5, "control_flip_rate": 0.01,
+                                      "summary": "old", "ablation": {"share_carried": 0.9}}])
+    object.__setattr__(b, "impact", [{"artifact": "stamp", "flip_rate": 0.02, "control_flip_rate": 0.01,
+                                      "summary": "Pasting the stamp flips 2% of predictions.", "ablation": None}])
+    cmp = auditor.compare(a, b)
+    gone = cmp.artifacts[0].no_longer_flagged[0]
+    assert (gone.old_test, gone.new_test) == ("flagged", "near_miss")
+    assert cmp.artifacts[0].impact["numbers"]["flip_rate"]["delta"] == pytest.approx(-0.48)
+    html = (cmp.save(tmp_path / "o", formats=["html"])["html"]).read_text()
+    assert "near_miss" in html and "-48.0 points" in html and "flips 2% of predictions" in html

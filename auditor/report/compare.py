@@ -40,6 +40,7 @@ def comparison_html(cmp, *, for_pdf: bool = False) -> str:
 def comparison_json(cmp) -> str:
     data = cmp.to_dict()
     data["n_new"] = cmp.n_new
+    data["comparable"] = cmp.comparable  # False: see "differences" (thresholds, rule, probe set, ...)
     return json.dumps(_clean(data), indent=1, allow_nan=False)
 
 
