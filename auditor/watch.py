@@ -235,6 +235,10 @@ class Watcher:
                 if (old.provenance.get("model") or {}).get("weights_sha256") == sha:
                     result, recovered = old, True
                     self.log(f"{path.name}: report already in place (an earlier run stopped before recording it)")
+                    from .report import FORMATS
+
+                    if any(not (report_dir / FORMATS[f]).is_file() for f in self.formats):
+                        result.save(report_dir, formats=self.formats)  # re-rendered from results.json, not re-audited
             except AuditorError:
                 result = None
         if result is None:

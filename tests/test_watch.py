@@ -160,6 +160,9 @@ def test_restart_audits_nothing_twice_and_skips_nothing(setup, monkeypatch, caps
     assert main(["watch", str(ckpts), "--config", str(config), "--once", "-q"]) == 130
     monkeypatch.setattr(History, "record", real_record)
     assert (ckpts / "reports" / "e1.pt" / "results.json").is_file()
+    # ... and (killed while moving the files into place) one of its outputs is missing
+    config.write_text(config.read_text().replace("- json", "- json\n- csv"))
+    (ckpts / "reports" / "e1.pt" / "results.json").touch()
 
     audited = []
     real_run = __import__("auditor.pipeline", fromlist=["run_audit"]).run_audit
@@ -171,6 +174,7 @@ def test_restart_audits_nothing_twice_and_skips_nothing(setup, monkeypatch, caps
     monkeypatch.setattr("auditor.pipeline.run_audit", counting)
     assert main(["watch", str(ckpts), "--config", str(config), "--once", "-q"]) == 0
     assert audited == ["e2.pt"]  # e0 recorded, e1 recovered from its report, e2 new
+    assert (ckpts / "reports" / "e1.pt" / "neurons.csv").is_file()  # re-rendered from results.json
     assert "report already in place" in capsys.readouterr().err
     with History(ckpts / "reports" / "history.sqlite") as h:
         rows = h.rows()
