@@ -11,9 +11,11 @@
 ``model`` is an in-memory ``torch.nn.Module`` or any spec ``auditor run --model``
 takes (``resnet50``, ``timm:resnet50``, ``pkg.module:factory``, a TorchScript file).
 ``images`` is a folder (with ``labels`` as for the CLI) or a ``torch.utils.data.Dataset``
-whose items are ``(image, concept_vector)``: the image a PIL image (preprocessed with
-the config's resize/crop/mean/std, like image files) or a ``(C, H, W)`` tensor (fed to
-the model as it is), the concept vector 0/1 per name in ``concepts``.
+whose items are ``(image, concept_vector)``: the image a PIL image or an ``(H, W, 3)``
+uint8 array (preprocessed like image files: resize, crop, mean/std) or a ``(C, H, W)``
+tensor in [0, 1] (or uint8 pixels), which gets only the resize, crop and mean/std you
+give (none by default: it goes to the model as it is); the concept vector 0/1 per
+name in ``concepts``.
 
 The CLI's ``auditor run`` is :func:`audit_config` plus :meth:`AuditResult.save`.
 """
@@ -73,16 +75,25 @@ def in_memory_model(module: nn.Module, spec: str | None = None) -> LoadedModel:
 # -- probe sets held in memory --------------------------------------------------------------
 
 class _DatasetInput:
-    """The model input for one dataset image: PIL images get the config's transform, tensors go as they are."""
+    """The model input for one dataset image: the config's transform for a PIL image; for a
+    tensor the same steps but the PIL-to-tensor conversion (nothing, unless resize, crop or
+    mean/std were given)."""
 
     def __init__(self, transform: Callable):
+        from torchvision import transforms as T
+
         self.transform = transform
+        steps = getattr(transform, "transforms", None)
+        self.tensor_steps = [t for t in steps if not isinstance(t, T.ToTensor)] if steps is not None else []
 
     def __call__(self, x: Any):
         import torch
 
         if isinstance(x, torch.Tensor):
-            return _tensor_input(x)
+            x = _tensor_input(x)
+            for step in self.tensor_steps:
+                x = step(x)
+            return x
         return self.transform(x)
 
     def __repr__(self) -> str:
@@ -154,7 +165,8 @@ def _view(img: Any, geometry: Callable):
     if lo < 0.0 or hi > 1.0:  # normalised input: stretch to a visible picture
         t = (t - lo) / (hi - lo) if hi > lo else torch.zeros_like(t)
     arr = (t * 255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(arr if arr.shape[2] == 3 else arr[..., 0], "RGB" if arr.shape[2] == 3 else "L").convert("RGB")
+    pic = Image.fromarray(arr if arr.shape[2] == 3 else arr[..., 0], "RGB" if arr.shape[2] == 3 else "L")
+    return geometry(pic.convert("RGB"))
 
 
 def dataset_probe(dataset: Any, concepts: Sequence[str] | None = None) -> DatasetProbeSet:
@@ -233,10 +245,6 @@ def audit_config(cfg: AuditConfig, *, model: Any = None, probe: ProbeSet | None 
 
         loaded = model if isinstance(model, LoadedModel) else in_memory_model(model)
         module = loaded.module
-    if isinstance(probe, DatasetProbeSet) and probe.yields_tensors and any(
-            getattr(cfg, k) is not None for k in ("resize", "crop", "mean", "std")):
-        raise ConfigError("the probe Dataset yields tensors, which go to the model as they are; drop "
-                          "resize/crop/mean/std, or yield PIL images to have them preprocessed")
     state = _module_state(module) if module is not None else None
     try:
         return run_audit(cfg, log=log, progress=progress, model=loaded, probe=probe)
