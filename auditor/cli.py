@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import AuditorError, ConfigError
+from .errors import AuditorError
 
 EXIT_OK, EXIT_FLAGGED, EXIT_ERROR = 0, 1, 2
 
@@ -222,6 +222,7 @@ def cmd_watch(ns: argparse.Namespace) -> int:
     from filelock import Timeout
 
     from .config import load_config
+    from .errors import ConfigError
     from .watch import Watcher, WatchErrors
 
     cfg = load_config(ns.config, {})
