@@ -205,9 +205,12 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 def cmd_history(ns: argparse.Namespace) -> int:
     import json
 
+    from .errors import ConfigError
     from .history import History, format_table, resolve_history_path
 
-    path = resolve_history_path(ns.history)
+    if ns.history and ns.history_path and ns.history != ns.history_path:
+        raise ConfigError("give the history once: as PATH or as --history PATH")
+    path = resolve_history_path(ns.history or ns.history_path)
     with History(path, create=False) as hist:
         rows = hist.rows(checkpoint=ns.checkpoint, artifact=ns.artifact, flagged_only=ns.flagged,
                          since=ns.since, source=ns.source, limit=ns.limit)
@@ -361,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List the audit history (SQLite), oldest first: checkpoint, sha256, time, "
                                    "flag counts per artifact, results file.")
     p.add_argument("history", nargs="?", default=None,
-                   help="history file, or the reports folder holding history.sqlite (default: reports/)")
+                   help="history file, the reports folder holding history.sqlite, or the watched folder "
+                        "(default: reports/)")
+    p.add_argument("--history", dest="history_path", default=None, metavar="PATH", help="the same, as an option")
     p.add_argument("--json", action="store_true", help="JSON rows instead of a table")
     p.add_argument("--checkpoint", default=None, metavar="GLOB", help="only checkpoints whose name or path match")
     p.add_argument("--artifact", default=None, help="only audits that checked this artifact")

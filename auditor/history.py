@@ -231,9 +231,14 @@ class History:
 
 
 def resolve_history_path(path: str | os.PathLike | None, default_dir: str | os.PathLike = "reports") -> Path:
-    """A history file, or a folder holding ``history.sqlite`` (default: ``reports/``)."""
+    """A history file; or a folder holding ``history.sqlite`` (a reports folder), or holding
+    ``reports/history.sqlite`` (a watched folder); default: ``reports/``."""
     p = Path(path) if path is not None else Path(default_dir)
-    return p / HISTORY_FILE if p.is_dir() or (path is None) else p
+    if path is None or (p.is_dir() and (p / HISTORY_FILE).is_file()):
+        return p / HISTORY_FILE
+    if p.is_dir() and (p / "reports" / HISTORY_FILE).is_file():
+        return p / "reports" / HISTORY_FILE
+    return p / HISTORY_FILE if p.is_dir() else p
 
 
 def format_table(rows: Iterable[dict[str, Any]]) -> str:

@@ -99,6 +99,9 @@ def test_watch_once_audits_each_once_in_order_compares_and_records(setup, capsys
     assert main(["history", str(reports / "history.sqlite"), "--artifact", "stamp", "--flagged"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert "stamp" in table[0] and [line.split()[3] for line in table[1:]] == ["b-epoch1.pt", "c-epoch3.pth"]
+    for where in (["--history", str(reports / "history.sqlite")], [str(ckpts)]):  # option; the watched folder
+        assert main(["history", *where, "--json", "--limit", "1"]) == 0
+        assert [r["checkpoint_name"] for r in json.loads(capsys.readouterr().out)] == ["c-epoch3.pth"]
     assert main(["history", str(reports), "--checkpoint", "a-*", "--json"]) == 0
     assert [r["checkpoint_name"] for r in json.loads(capsys.readouterr().out)] == ["a-epoch2.safetensors"]
 
