@@ -87,15 +87,17 @@ def test_lightning_callback_audits_every_epoch(probe, tmp_path, capsys):
 
     torch.manual_seed(0)
     module = Module()
-    cb = AuditCallback(every_n_epochs=1, layer="net.act", images=probe, artifacts=["stamp"], out=tmp_path / "audits",
+    cb = AuditCallback(every_n_epochs=1, on_checkpoint=True, layer="net.act", images=probe, artifacts=["stamp"], out=tmp_path / "audits",
                        normalize=False, bootstrap=0, device="cpu", cache_dir=str(tmp_path / "cache"),
                        formats=["json"])
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", callbacks=[cb], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", callbacks=[cb], logger=False,
+                        default_root_dir=str(tmp_path / "pl"), enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(probe, batch_size=32))
-    assert [s for s, _ in cb.auditor.results] == ["epoch-0001", "epoch-0002"]
+    steps = [s for s, _ in cb.auditor.results]
+    assert [s for s in steps if s.startswith("epoch")] == ["epoch-0001", "epoch-0002"]
+    assert len([s for s in steps if s.startswith("step-")]) == 2  # one per saved checkpoint
     assert [n.index for n in cb.auditor.results[0][1].flagged_neurons()] == [2]  # the stamp detector stays
-    _check_history(tmp_path / "audits", ["epoch-0001", "epoch-0002"], "lightning", module, probe, "net.act")
+    _check_history(tmp_path / "audits", steps, "lightning", module, probe, "net.act")
 
 
 @pytest.mark.slow
