@@ -118,6 +118,8 @@ def _looks_like_ours(name: str, path: Path) -> bool:
     head = _head(path)
     if name == "results.json":
         return b'"schema_version"' in head and b'"auditor"' in head
+    if name == "compare.json":
+        return b'"n_new"' in head and b'"comparable"' in head
     if name == "report.html":
         return b'<meta name="generator" content="auditor' in head
     if name == "neurons.csv":
@@ -127,24 +129,29 @@ def _looks_like_ours(name: str, path: Path) -> bool:
     return False
 
 
-def _legacy_files(out: Path) -> list[str]:
-    """Plain output files of an older auditor (no manifest); raises for one that is not auditor's."""
-    present = [n for n in OUTPUT_NAMES.values() if (out / n).is_file() and not (out / n).is_symlink()]
+def _legacy_files(out: Path, names: dict[str, str]) -> list[str]:
+    """Plain output files of an older auditor (no manifest); raises for one that is not auditor's.
+
+    A file is recognised by its content; a PDF or an HTML page without a signature of its own
+    counts when another output beside it is recognised."""
+    present = [n for n in names.values() if (out / n).is_file() and not (out / n).is_symlink()]
     recognised = {n for n in present if _looks_like_ours(n, out / n)}
     for n in present:
         if n in recognised:
             continue
-        if n == "report.pdf" and recognised and _head(out / n, 5) == b"%PDF-":
+        if recognised and n.endswith(".pdf") and _head(out / n, 5) == b"%PDF-":
+            continue
+        if recognised and n.endswith(".html") and b"<html" in _head(out / n, 4096).lower():
             continue
         raise OutputError(f"{out / n} was not written by auditor (the folder has no {MANIFEST}); auditor never "
                           "overwrites files it did not write — move it away or choose another --out")
     return present
 
 
-def _check_owned(out: Path, has_current: bool) -> list[str]:
+def _check_owned(out: Path, has_current: bool, names: dict[str, str]) -> list[str]:
     """Refuse an output name auditor did not write; return plain files left by an interrupted take-over."""
     twins = []
-    for name in (*OUTPUT_NAMES.values(), MANIFEST):
+    for name in (*names.values(), MANIFEST):
         p = out / name
         if not os.path.lexists(p) or _is_our_link(p, name):
             continue
@@ -199,7 +206,7 @@ def _current_run(state: Path) -> Path | None:
     return None
 
 
-def _tidy(out: Path, state: Path) -> None:
+def _tidy(out: Path, state: Path, names: dict[str, str]) -> None:
     """Remove what an interrupted run left (under the lock: nobody else is writing here)."""
     (state / "current.new").unlink(missing_ok=True)
     cur = _current_run(state)
@@ -211,7 +218,7 @@ def _tidy(out: Path, state: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
         else:
             d.unlink()
-    for name in (*OUTPUT_NAMES.values(), MANIFEST):
+    for name in (*names.values(), MANIFEST):
         p = out / name
         if _is_our_link(p, name) and not p.exists():
             p.unlink()
@@ -235,23 +242,21 @@ def _replace_with_link(out: Path, name: str) -> None:
     os.replace(tmp, out / name)
 
 
-def _take_over_legacy(out: Path, state: Path, names: list[str]) -> None:
+def _take_over_legacy(out: Path, state: Path, files: list[str], names: dict[str, str]) -> None:
     """Move an older auditor's plain files under management without a moment where one is missing."""
     run = _new_run_folder(state, "legacy-")
-    for n in names:
+    for n in files:
         try:
             os.link(out / n, run / n)
         except OSError:
             shutil.copy2(out / n, run / n)
-    _write_manifest(run, {OUTPUT_NAMES_BY_FILE[n]: run / n for n in names}, legacy=True)
+    fmt_of = {v: k for k, v in names.items()}
+    _write_manifest(run, {fmt_of[n]: run / n for n in files}, legacy=True)
     _fsync_dir(run)
     _switch_pointer(state, run)
-    for n in names:  # each file is swapped for a link to identical bytes
+    for n in files:  # each file is swapped for a link to identical bytes
         _replace_with_link(out, n)
     _fsync_dir(out)
-
-
-OUTPUT_NAMES_BY_FILE = {v: k for k, v in OUTPUT_NAMES.items()}
 
 
 def _write_manifest(run: Path, written: dict[str, Path], legacy: bool = False) -> None:
@@ -275,14 +280,16 @@ def _switch_pointer(state: Path, run: Path) -> None:
 
 
 def publish(out: str | os.PathLike, produce: Callable[[Path], dict[str, Path]],
-            log: Log | None = None) -> dict[str, Path]:
+            log: Log | None = None, names: dict[str, str] | None = None) -> dict[str, Path]:
     """Let ``produce(folder)`` write the outputs into a fresh run folder, then switch ``out`` to them.
 
     ``produce`` returns ``{format: path}`` for files directly inside the folder it is given,
-    named as in :data:`OUTPUT_NAMES`. Returns ``{format: out / name}``. On any failure —
+    named as in ``names`` (default :data:`OUTPUT_NAMES`; ``auditor compare`` has its own).
+    Every name in ``names`` is auditor's in ``out``. Returns ``{format: out / name}``. On any failure —
     before the switch — ``out`` is left as it was and the run folder is removed.
     """
     log = log or (lambda msg: None)
+    names = dict(names or OUTPUT_NAMES)
     out = Path(out)
     if os.path.lexists(out) and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a folder")
@@ -294,7 +301,7 @@ def publish(out: str | os.PathLike, produce: Callable[[Path], dict[str, Path]],
     try:
         (state / "runs").mkdir(parents=True, exist_ok=True)
         with _Lock(state / "lock", out, log):
-            return _publish_locked(out, state, produce)
+            return _publish_locked(out, state, produce, names)
     except BaseException:
         # A failed first run into a new folder leaves no trace of itself.
         if made_state and _current_run(state) is None:
@@ -322,26 +329,27 @@ def _check_links(state: Path) -> None:
     probe.unlink()
 
 
-def _publish_locked(out: Path, state: Path, produce: Callable[[Path], dict[str, Path]]) -> dict[str, Path]:
+def _publish_locked(out: Path, state: Path, produce: Callable[[Path], dict[str, Path]],
+                    names: dict[str, str]) -> dict[str, Path]:
     _check_links(state)
-    _tidy(out, state)
+    _tidy(out, state, names)
     has_current = _current_run(state) is not None
-    twins = _check_owned(out, has_current)
-    legacy = [] if has_current else _legacy_files(out)
+    twins = _check_owned(out, has_current, names)
+    legacy = [] if has_current else _legacy_files(out, names)
     run = _new_run_folder(state, "run-")
     switched = False
     try:
         written = produce(run)
         for fmt, p in written.items():
-            if p.parent != run or OUTPUT_NAMES.get(fmt) != p.name:
-                raise ValueError(f"output {fmt} written as {p}, expected {run / OUTPUT_NAMES.get(fmt, '?')}")
+            if p.parent != run or names.get(fmt) != p.name:
+                raise ValueError(f"output {fmt} written as {p}, expected {run / names.get(fmt, '?')}")
             _fsync_file(p)
         _write_manifest(run, written)
         _fsync_file(run / "manifest.json")
         _fsync_dir(run)
         with interrupt.critical():
             if legacy:
-                _take_over_legacy(out, state, legacy)
+                _take_over_legacy(out, state, legacy, names)
             for name in twins:  # finish a take-over a kill cut short: same bytes, now behind a link
                 _replace_with_link(out, name)
             old = _current_run(state)
@@ -353,7 +361,7 @@ def _publish_locked(out: Path, state: Path, produce: Callable[[Path], dict[str, 
             _switch_pointer(state, run)  # step 2: the switch
             switched = True
             try:
-                for name in (*OUTPUT_NAMES.values(), MANIFEST):  # step 3: links the new run has no file for
+                for name in (*names.values(), MANIFEST):  # step 3: links the new run has no file for
                     if name not in new_names and _is_our_link(out / name, name):
                         (out / name).unlink()
                 _fsync_dir(out)
@@ -365,7 +373,7 @@ def _publish_locked(out: Path, state: Path, produce: Callable[[Path], dict[str, 
         if not switched:
             shutil.rmtree(run, ignore_errors=True)
             try:
-                _tidy(out, state)  # links added in step 1 for this run's files
+                _tidy(out, state, names)  # links added in step 1 for this run's files
             except OSError:
                 pass
         raise
