@@ -324,7 +324,7 @@ class AuditResult(_Record):
 
         ``save("results.json")`` (a ``.json`` path, no ``formats``) writes the JSON
         file alone. Any other path is an output folder: the report files are written
-        exactly as ``auditor run`` writes them (staged, then moved into place), by
+        exactly as ``auditor run`` writes them (into a fresh run folder, switched in at once), by
         default ``html, pdf, json, csv, junit``. Returns ``{format: path}``.
         """
         path = Path(path)
