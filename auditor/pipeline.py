@@ -65,6 +65,59 @@ def resolve_preprocessing(cfg: AuditConfig, default):
                          mean=mean, std=std, source=source)
 
 
+UPSCALE_SAMPLE = 2000  # images whose size is read (evenly spaced) to tell whether preprocessing enlarges them
+
+
+def preprocessing_notes(cfg: AuditConfig, pre, default, probe) -> tuple[list[str], dict[str, Any]]:
+    """Preprocessing decisions the user did not state, as sentences, and what was found in the images.
+
+    Normalisation assumed (from the model's defaults) or off (a model that declares
+    none, with no --mean/--std); resize and crop taken from the model's defaults;
+    probe images smaller than the model input, which the transform enlarges (or a
+    crop pads).
+    """
+    notes: list[str] = []
+    normalisation_given = cfg.mean is not None or cfg.std is not None or not cfg.normalize
+    if not normalisation_given:
+        if pre.mean is None:
+            notes.append(f"no normalisation: neither --mean/--std nor the model ({default.source}) gives one, so "
+                         "images reach the model as plain [0, 1] RGB; pass --mean/--std (ImageNet: "
+                         "0.485,0.456,0.406 / 0.229,0.224,0.225) if it was trained on normalised images, or "
+                         "--no-normalize to confirm [0, 1]")
+        else:
+            notes.append(f"normalisation assumed from {default.source}: mean {list(pre.mean)}, std {list(pre.std)}; "
+                         "pass --mean/--std or --no-normalize to change it")
+    if cfg.resize is None and cfg.crop is None and (pre.resize or pre.crop):
+        notes.append(f"resize {pre.resize} and centre crop {pre.crop} assumed from {default.source}; pass "
+                     "--resize/--crop to change them")
+    found: dict[str, Any] = {}
+    target = pre.resize or pre.crop
+    if target and len(probe):
+        from PIL import Image
+
+        n = len(probe)
+        rows = sorted({int(i) for i in np.linspace(0, n - 1, min(n, UPSCALE_SAMPLE))})
+        small, sizes = 0, []
+        for i in rows:
+            try:
+                with Image.open(probe.full_path(i)) as im:
+                    w, h = im.size
+            except Exception:  # unreadable images are reported by the collection
+                continue
+            sizes.append(min(w, h))
+            small += (min(w, h) < pre.resize) if pre.resize else (min(w, h) < pre.crop)
+        if small:
+            how = f"resized up to {pre.resize} px (shorter side)" if pre.resize else \
+                f"padded to the {pre.crop} px centre crop"
+            where = "of the probe images" if len(rows) == n else f"of {len(rows)} probe images sampled"
+            notes.append(f"{small} {where} are smaller than the model input (shortest side {min(sizes)} px) and are "
+                         f"{how}; small artifacts are blurred by upscaling: probe at the model's input size, or "
+                         "pass --resize/--crop to choose")
+        found = {"images_checked": len(rows), "images_enlarged": int(small), "smallest_side": min(sizes) if sizes
+                 else None}
+    return notes, found
+
+
 def _check_paths(cfg: AuditConfig) -> None:
     out = Path(cfg.out).resolve()
     cache = cfg.cache_path.resolve()
@@ -127,6 +180,10 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     for name in layers:
         resolve_layer(loaded.module, name)
     pre = resolve_preprocessing(cfg, loaded.default_preprocessing)
+    pre_notes, pre_found = preprocessing_notes(cfg, pre, loaded.default_preprocessing, probe)
+    for note in pre_notes:
+        log(f"warning: {note}")
+    warnings.extend(pre_notes)
     geometry, transform = build_transform(pre, cfg.normalize)
     model_hash = state_hash(loaded.module)  # what the cache key needs: the weights actually loaded
     timings["load_model_s"] = time.perf_counter() - t
@@ -138,10 +195,12 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
                         on_bad_image=cfg.on_bad_image, log=log, progress=progress, precision=cfg.precision,
                         channels_last=cfg.channels_last, compile=cfg.compile, pin_memory=cfg.pin_memory,
                         prefetch_factor=cfg.prefetch_factor, decode=cfg.decode, preprocessing=pre,
-                        normalize=cfg.normalize, fingerprint=cfg.fingerprint, chunk_size=cfg.chunk_size)
+                        normalize=cfg.normalize, fingerprint=cfg.fingerprint, chunk_size=cfg.chunk_size,
+                        token_layout=cfg.token_layout)
     if collected is None:  # a worker rank of a distributed run: rank 0 explains and reports
         return None
     timings["activations_s"] = collected.seconds
+    warnings.extend(collected.warnings)
     if collected.bad:
         warnings.append(f"{len(collected.bad)} unreadable image(s) skipped: "
                         + ", ".join(p for p, _ in collected.bad[:10]) + (" …" if len(collected.bad) > 10 else ""))
@@ -193,7 +252,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     provenance: dict[str, Any] = {
         "model": loaded.provenance(),
         "layers": layers,
-        "preprocessing": pre.plain(),
+        "preprocessing": pre.plain() | {"notes": pre_notes, **pre_found},
         # The collection already fingerprinted every image: reuse it instead of a second stat per image.
         "data": probe.provenance(collected.cache.get("images_fingerprint")) | {
                                       "n_used": int(N), "n_unreadable": len(collected.bad),

@@ -87,7 +87,7 @@ def test_resume_after_crash_gives_identical_array(setup, tmp_path):
 
     def bomb(_m, _i, _o):
         calls["n"] += 1
-        if calls["n"] == 7:  # in the second chunk (4 batches of 16 per 64-image chunk)
+        if calls["n"] == 2 + 7:  # after the 2 calibration passes: in the second chunk (4 batches of 16 per chunk)
             raise Boom("simulated crash")
 
     h = model.conv.register_forward_hook(bomb)
@@ -109,7 +109,7 @@ def test_corrupt_chunk_is_recomputed(setup, tmp_path):
 
     def bomb(_m, _i, _o):
         calls["n"] += 1
-        if calls["n"] == 9:  # in the third chunk: chunks 0 and 1 are committed
+        if calls["n"] == 2 + 9:  # after the 2 calibration passes: in the third chunk (chunks 0 and 1 committed)
             raise Boom("simulated crash")
 
     h = model.conv.register_forward_hook(bomb)

@@ -45,18 +45,20 @@ a barrier rank 0 assembles them and returns the result, the other ranks return
 ``None``. See :mod:`auditor.distributed`.
 """
 
-from .cache import CACHE_FORMAT, architecture_hash, cache_key, content_fingerprint, state_hash
-from .capture import capture, forward_until
+from .cache import (CACHE_FORMAT, ModelCode, architecture_hash, cache_key, cache_manifest, content_fingerprint,
+                    model_code, state_hash)
+from .capture import StopForward, capture, forward_until
 from .device import PRECISIONS, resolve_device, resolve_precision
 from .load import ProbeImages, TensorImages, build_transform
-from .reduce import (MAX_MAP_SIDE, MAX_PREFIX_TOKENS, REDUCTION_KINDS, REDUCTIONS, layer_kind, patch_grid,
-                     reduce_output, register_reduction)
+from .reduce import (MAX_MAP_SIDE, MAX_PREFIX_TOKENS, REDUCTION_KINDS, REDUCTIONS, TOKEN_LAYOUTS, batch_axis,
+                     layer_kind, patch_grid, reduce_output, register_reduction)
 from .result import Collected, LayerActivations
 from .run import DECODERS, FINGERPRINTS, clear_cache, collect
 from .topk import TopK
 
 __all__ = ["CACHE_FORMAT", "DECODERS", "FINGERPRINTS", "MAX_MAP_SIDE", "MAX_PREFIX_TOKENS", "PRECISIONS",
-           "REDUCTIONS", "REDUCTION_KINDS", "Collected", "LayerActivations", "ProbeImages", "TensorImages", "TopK",
-           "architecture_hash", "build_transform", "cache_key", "capture", "clear_cache", "collect",
-           "content_fingerprint", "forward_until", "layer_kind", "patch_grid", "reduce_output",
+           "REDUCTIONS", "REDUCTION_KINDS", "TOKEN_LAYOUTS", "Collected", "LayerActivations", "ModelCode",
+           "ProbeImages", "StopForward", "TensorImages", "TopK", "architecture_hash", "batch_axis",
+           "build_transform", "cache_key", "cache_manifest", "capture", "clear_cache", "collect",
+           "content_fingerprint", "forward_until", "layer_kind", "model_code", "patch_grid", "reduce_output",
            "register_reduction", "resolve_device", "resolve_precision", "state_hash"]
