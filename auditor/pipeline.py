@@ -88,8 +88,9 @@ def preprocessing_notes(cfg: AuditConfig, pre, default, probe) -> tuple[list[str
             notes.append(f"normalisation assumed from {default.source}: mean {list(pre.mean)}, std {list(pre.std)}; "
                          "pass --mean/--std or --no-normalize to change it")
     if cfg.resize is None and cfg.crop is None and (pre.resize or pre.crop):
-        notes.append(f"resize {pre.resize} and centre crop {pre.crop} assumed from {default.source}; pass "
-                     "--resize/--crop to change them")
+        steps = " and ".join(s for s in (f"resize {pre.resize}" if pre.resize else "",
+                                         f"centre crop {pre.crop}" if pre.crop else "") if s)
+        notes.append(f"{steps} assumed from {default.source}; pass --resize/--crop to change them")
     found: dict[str, Any] = {}
     target = pre.resize or pre.crop
     if target and len(probe):
