@@ -482,3 +482,25 @@ def test_unreadable_model_source_is_not_cached(setup, tmp_path):
     assert any("not cached" in w and "Hidden" in w for w in got.warnings)
     assert any(m.startswith("warning: activations not cached") for m in logged)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("where", ["class", "instance"])
+def test_forward_replaced_at_run_time_is_a_miss(setup, tmp_path, where):
+    probe, _, tf = setup
+    probe = _small(probe, 8)
+    model = _file_model(tmp_path / "net.py", MODEL_PY)
+    kw = dict(transform=tf, transform_desc={"t": "plain"}, batch_size=8, device="cpu", progress=False,
+              cache_dir=tmp_path / "cache", top_k=1, model_hash=state_hash(model))
+    first = collect(model, ["out"], probe, **kw)
+
+    def negated(self, x):
+        return self.out(-self.conv(x))
+
+    if where == "class":
+        type(model).forward = negated
+    else:
+        import types
+        model.forward = types.MethodType(negated, model)
+    again = collect(model, ["out"], probe, **kw)
+    assert again.cache["status"] == "miss"
+    assert np.allclose(again.layers["out"].values, -np.asarray(first.layers["out"].values), atol=1e-6)

@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import json
 import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,12 +91,39 @@ def _source_file_hash(cls: type) -> str:
     return ""
 
 
+def _code_digest(code: types.CodeType) -> str:
+    """A deterministic digest of compiled code: bytecode, names and constants (nested code included)."""
+    parts = [code.co_code.hex(), repr(code.co_names), repr(code.co_varnames)]
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            parts.append(_code_digest(c))
+        elif isinstance(c, frozenset):
+            parts.append(repr(sorted(repr(v) for v in c)))  # set order follows string hashing: sort
+        else:
+            parts.append(repr(c))
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def _functions(namespace: dict) -> list[tuple[str, types.CodeType]]:
+    """(name, code) of the functions in a class or instance ``__dict__`` (methods, static/class methods)."""
+    out = []
+    for name in sorted(namespace):
+        f = namespace[name]
+        f = getattr(f, "__func__", f)  # staticmethod, classmethod, bound method
+        code = getattr(f, "__code__", None)
+        if isinstance(code, types.CodeType):
+            out.append((name, code))
+    return out
+
+
 def model_code(model: nn.Module) -> ModelCode:
     """What the weights do not show: the code of every module in the tree.
 
     For an eager module, the source of its class and of every base class outside
     torch/torchvision (whose versions are in the key), and the file that defines
-    it. For a TorchScript module, the code of its methods. A class whose source
+    it; also the compiled code of their methods and of functions set on the
+    instance (``module.forward = …``), so a method replaced at run time counts too.
+    For a TorchScript module, the code of its methods. A class whose source
     cannot be read (defined in a notebook cell or by ``exec``) is listed in
     ``unreadable``: a change to it could not be seen, so such a model is not cached.
     """
@@ -112,6 +140,8 @@ def model_code(model: nn.Module) -> ModelCode:
                 code = getattr(m, "code", None)
                 h.update(str(code).encode())
             continue
+        for name, code in _functions(vars(m)):  # e.g. a forward replaced on this instance
+            h.update(f"instance {name} {_code_digest(code)}\n".encode())
         for cls in type(m).__mro__:
             if cls in seen or cls is object:
                 continue
@@ -126,6 +156,8 @@ def model_code(model: nn.Module) -> ModelCode:
                 unreadable.append(where)
                 continue
             h.update(f"class {where}\n{src}\n{_source_file_hash(cls)}\n".encode())
+            for name, code in _functions(vars(cls)):
+                h.update(f"method {name} {_code_digest(code)}\n".encode())
     return ModelCode(h.hexdigest(), unreadable)
 
 
