@@ -253,6 +253,9 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     provenance: dict[str, Any] = {
         "model": loaded.provenance(),
         "layers": layers,
+        # how each layer was captured: output kind, where it held the batch, how often its module runs
+        "capture": {name: {"kind": la.kind, "layout": la.layout, "module_calls": la.calls}
+                    for name, la in collected.layers.items()},
         "preprocessing": pre.plain() | {"notes": pre_notes, **pre_found},
         # The collection already fingerprinted every image: reuse it instead of a second stat per image.
         "data": probe.provenance(collected.cache.get("images_fingerprint")) | {

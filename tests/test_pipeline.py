@@ -166,3 +166,9 @@ def test_unstated_normalisation_is_on_stderr_and_in_the_results(colour_args, cap
     result = AuditResult.load(out / "results.json")
     assert any(w.startswith("no normalisation") for w in result.warnings)
     assert result.provenance["preprocessing"]["notes"][0].startswith("no normalisation")
+
+
+def test_capture_details_are_in_the_provenance(colour_run):
+    _, _, out, _ = colour_run
+    prov = json.loads((out / "results.json").read_text())["provenance"]
+    assert prov["capture"] == {"act": {"kind": "spatial", "layout": "batch_first", "module_calls": 1}}

@@ -2,7 +2,9 @@
 
 One forward pass per batch, with forward hooks on the audited layers that stop
 the pass once every one of them has produced its output. Each layer's output is
-reduced on the device, so only N×K numbers come back. While collecting, a
+reduced on the device inside its hook (before later in-place operations can change
+it), so only N×K numbers come back. A layer is a module's call: ``name`` is its first
+call in a forward pass, ``name_1`` its second (torchvision's naming). While collecting, a
 streaming top-k of the most-activating images per neuron is kept, with their
 spatial maps, so the report needs no second pass.
 
@@ -11,7 +13,8 @@ The package, one concern per file:
 ================  ===================================================================
 ``run.py``        :func:`collect`: cache hit, resume or compute; distributed ranks
 ``batches.py``    computing chunks: batches through the model, out-of-memory backoff
-``capture.py``    forward hooks on the audited layers
+``calibrate.py``  before the first batch: calls per module, each output's batch axis
+``capture.py``    forward hooks on the audited layers (reducing inside the hook)
 ``reduce.py``     reductions (registered by name), layer kinds, token layout, maps
 ``topk.py``       the streaming top-k of most-activating images per neuron
 ``load.py``       transforms and the datasets that read probe images into tensors

@@ -16,13 +16,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..errors import DataError, LayerError, ModelError
-from ..models import layer_call
 from .capture import capture, forward_until
 from .decode import decode_on_device
 from .device import autocast, is_channels_last, numerics
 from .files import atomic_savez
 from .load import ProbeImages, collate
-from .reduce import batch_axis, reduce_layer_output
+from .calibrate import calibrate
+from .reduce import reduce_layer_output
 from .topk import TopK
 
 class BatchPlan:
@@ -140,73 +140,9 @@ class Runner:
                              f"{msg[:300]} — check --resize/--crop and the model's expected input") from None
 
     def calibrate(self, x: torch.Tensor) -> None:
-        """Once per run: how often each layer's module runs, and where each layer's output holds the batch.
-
-        The first image goes through the model at two batch sizes (2 and 3 copies, or 1
-        and 2 when 3 do not fit); the axis whose size follows the batch size is the
-        batch axis. A token output's
-        layout, (B, T, D) or (T, B, D), is decided here and kept for every batch, so
-        a batch that holds as many images as the layer has tokens is not mistaken.
-        """
-        one = x[:1]
-        for sizes in ((2, 3), (1, 2)):  # smaller only if 3 images do not fit in memory
-            try:
-                seen, calls = self._calibration_passes(one, sizes)
-                break
-            except torch.OutOfMemoryError:
-                if self.dev.type == "cuda":
-                    torch.cuda.empty_cache()
-        else:
-            raise ModelError(f"out of memory on {self.dev} even with a batch of one image; audit an "
-                             "earlier layer, use a smaller input size or precision bfloat16")
-        b1, b2 = sizes
-        layouts: dict[str, str] = {}
-        for name in self.layers:
-            module, k = layer_call(self.model, name)
-            n = calls.get(module, 0)
-            self.calls[name] = n
-            if n == 0:
-                raise LayerError(f"layer {name!r} was not called during the forward pass; pick a layer that the "
-                                 "model's forward uses")
-            if name not in seen[b1] or name not in seen[b2]:
-                later = ", ".join([module] + [f"{module}_{i}" for i in range(1, n)])
-                raise LayerError(f"layer {name!r} asks for call {k + 1} of module {module!r}, which runs {n} "
-                                 f"time(s) per forward pass; its calls are {later}")
-            s2, s3 = seen[b1][name], seen[b2][name]
-            axis = batch_axis(s2, s3, b1, b2)
-            if len(s2) == 3:
-                given = self.token_layouts.get(name, "auto")
-                if given != "auto":
-                    layouts[name] = given
-                elif axis in (0, 1):
-                    layouts[name] = "batch_first" if axis == 0 else "sequence_first"
-                else:
-                    raise LayerError(f"cannot tell which axis of layer {name!r}'s output holds the batch (shape "
-                                     f"{s2} for {b1} image(s), {s3} for {b2}); set token_layout: batch_first or "
-                                     "sequence_first")
-            else:
-                if axis != 0 and len(s2) in (2, 4):
-                    raise LayerError(f"layer {name!r}'s output (shape {s2} for {b1} image(s), {s3} for {b2}) does "
-                                     "not hold the batch on its first axis; pick another layer")
-                layouts[name] = "batch_first"
-        self.layouts = layouts
-
-    def _calibration_passes(self, one: torch.Tensor, sizes: tuple[int, int]):
-        """{batch size: {layer: output shape}} and {module: calls per forward pass}, from full forward passes."""
-        def shape_of(name, out):
-            if not isinstance(out, torch.Tensor):
-                raise LayerError(f"layer {name!r} returned {type(out).__name__}, not a tensor; pick another layer")
-            return tuple(out.shape)
-
-        seen: dict[int, dict[str, tuple[int, ...]]] = {}
-        calls: dict[str, int] = {}
-        for b in sizes:
-            xb = self._prepare(one.expand(b, *one.shape[1:]).contiguous())
-            with capture(self.model, self.layers, process=shape_of) as store:
-                self._run_model(self.model, xb)
-                seen[b] = dict(store)
-                calls = dict(store.calls)
-        return seen, calls
+        """Once per run, before the first batch: see :func:`.calibrate.calibrate`."""
+        self.layouts, self.calls = calibrate(self.model, self.layers, x[:1], self.token_layouts, prepare=self._prepare,
+                                             run=lambda xb: self._run_model(self.model, xb), dev=self.dev)
 
     def _in_hook(self, name: str, out: Any):
         """Runs inside the forward hook: reduce and take the top-k candidates' maps before anything later in the
