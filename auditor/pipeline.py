@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings as _pywarnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .config import AuditConfig
-from .errors import ConfigError, DataError
+from .errors import AuditorWarning, ConfigError, DataError
 from .flags import PartEvidence, Thresholds, flag_neuron
 from .results import (SCHEMA_VERSION, AuditResult, Concept, Distribution, Explanation, LayerResult,
                       NeuronResult, TopImage)
@@ -189,15 +190,17 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     model_hash = state_hash(loaded.module)  # what the cache key needs: the weights actually loaded
     timings["load_model_s"] = time.perf_counter() - t
 
-    collected = collect(loaded.module, layers, probe, transform=transform, transform_desc=pre.plain(),
-                        model_hash=f"{type(loaded.module).__name__}|{model_hash}",
-                        reduction=cfg.reduction, batch_size=cfg.batch_size, workers=cfg.workers,
-                        device=cfg.device, top_k=cfg.top_k, cache_dir=None if cfg.no_cache else cfg.cache_path,
-                        on_bad_image=cfg.on_bad_image, log=log, progress=progress, precision=cfg.precision,
-                        channels_last=cfg.channels_last, compile=cfg.compile, pin_memory=cfg.pin_memory,
-                        prefetch_factor=cfg.prefetch_factor, decode=cfg.decode, preprocessing=pre,
-                        normalize=cfg.normalize, fingerprint=cfg.fingerprint, chunk_size=cfg.chunk_size,
-                        token_layout=cfg.token_layout)
+    with _pywarnings.catch_warnings():  # collect's warnings reach the log and the results: not twice
+        _pywarnings.simplefilter("ignore", AuditorWarning)
+        collected = collect(loaded.module, layers, probe, transform=transform, transform_desc=pre.plain(),
+                            model_hash=f"{type(loaded.module).__name__}|{model_hash}",
+                            reduction=cfg.reduction, batch_size=cfg.batch_size, workers=cfg.workers,
+                            device=cfg.device, top_k=cfg.top_k, cache_dir=None if cfg.no_cache else cfg.cache_path,
+                            on_bad_image=cfg.on_bad_image, log=log, progress=progress, precision=cfg.precision,
+                            channels_last=cfg.channels_last, compile=cfg.compile, pin_memory=cfg.pin_memory,
+                            prefetch_factor=cfg.prefetch_factor, decode=cfg.decode, preprocessing=pre,
+                            normalize=cfg.normalize, fingerprint=cfg.fingerprint, chunk_size=cfg.chunk_size,
+                            token_layout=cfg.token_layout)
     if collected is None:  # a worker rank of a distributed run: rank 0 explains and reports
         return None
     timings["activations_s"] = collected.seconds

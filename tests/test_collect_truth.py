@@ -193,7 +193,11 @@ def test_token_layout_setting_is_used_and_checked():
 def test_reused_module_calls_are_separate_layers(resnet, photos):
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    got = _collect(resnet, ["layer4.1.relu", "layer4.1.relu_1", "layer4.1"], photos, reduction="mean")
+    from auditor.errors import AuditorWarning
+
+    with pytest.warns(AuditorWarning, match=r"'layer4.1.relu' runs 2 times.*layer4.1.relu_1") as caught:
+        got = _collect(resnet, ["layer4.1.relu", "layer4.1.relu_1", "layer4.1"], photos, reduction="mean")
+    assert len([w for w in caught if issubclass(w.category, AuditorWarning)]) == 1
     calls = true_outputs(resnet, "layer4.1.relu", photos)
     assert len(calls) == 2
     assert np.allclose(got.layers["layer4.1.relu"].values, calls[0].mean(axis=(2, 3)), atol=1e-5)
@@ -213,8 +217,10 @@ def test_reused_module_calls_are_separate_layers(resnet, photos):
 
 
 def test_reused_module_warning_survives_the_cache(resnet, photos, tmp_path):
-    first = _collect(resnet, ["layer1.0.relu"], photos[:3], cache_dir=tmp_path)
-    again = _collect(resnet, ["layer1.0.relu"], photos[:3], cache_dir=tmp_path)
+    with pytest.warns(UserWarning, match="runs 2 times"):
+        first = _collect(resnet, ["layer1.0.relu"], photos[:3], cache_dir=tmp_path)
+    with pytest.warns(UserWarning, match="runs 2 times"):
+        again = _collect(resnet, ["layer1.0.relu"], photos[:3], cache_dir=tmp_path)
     assert again.cache["status"] == "hit"
     assert first.warnings == again.warnings and len(again.warnings) == 1
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings as _warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from ..data import ProbeSet
-from ..errors import ConfigError, DataError
+from ..errors import AuditorWarning, ConfigError, DataError
 from ..models import Preprocessing, resolve_layer
 from .assemble import Assembler, load_final
 from .batches import compute
@@ -72,7 +73,8 @@ def collect(model: nn.Module, layers: list[str], probe: ProbeSet | TensorImages,
     ``name_N`` for its later calls (torchvision's naming). The model's code is part
     of the cache key; a model whose class source cannot be read is not cached
     (see :func:`~auditor.collect.cache.model_code`). ``Collected.warnings`` says so,
-    and names modules that run more than once.
+    and names modules that run more than once; each is also issued as an
+    :class:`~auditor.errors.AuditorWarning` and passed to ``log``.
     """
     t0 = time.perf_counter()
     reductions = normalise_reductions(reduction, list(layers))
@@ -95,13 +97,16 @@ def collect(model: nn.Module, layers: list[str], probe: ProbeSet | TensorImages,
     try:
         if dinfo is not None and dev.type == "cuda":
             dev = torch.device("cuda", dinfo.local_rank)
-        return _collect(model, list(layers), probe, reductions, layouts, dev, dinfo, t0, transform=transform,
+        result = _collect(model, list(layers), probe, reductions, layouts, dev, dinfo, t0, transform=transform,
                         transform_desc=transform_desc, model_hash=model_hash, batch_size=batch_size,
                         workers=workers, top_k=top_k, cache_dir=cache_dir, chunk_size=chunk_size,
                         on_bad_image=on_bad_image, log=log, progress=progress, precision=precision,
                         channels_last=channels_last, compile=compile, pin_memory=pin_memory,
                         prefetch_factor=prefetch_factor, decode=decode, preprocessing=preprocessing,
                         normalize=normalize, fingerprint=fingerprint, scratch_dir=scratch_dir)
+        for w in result.warnings if result is not None else ():
+            _warnings.warn(w, AuditorWarning, stacklevel=2)
+        return result
     finally:
         if dinfo is not None:
             dinfo.teardown()
