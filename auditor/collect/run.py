@@ -33,6 +33,7 @@ from .result import Collected, make_result
 DECODERS = ("pil", "device")
 FINGERPRINTS = ("stat", "content")
 
+
 def collect(model: nn.Module, layers: list[str], probe: ProbeSet | TensorImages, *, transform,
             transform_desc: dict[str, Any], model_hash: str, reduction: str | Mapping[str, str] = "mean",
             batch_size: int = 64, workers: int = 0, device: str = "auto", top_k: int = 9,
