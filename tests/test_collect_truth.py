@@ -316,3 +316,25 @@ def test_whole_pickled_model_is_refused_with_a_complete_line(tmp_path, capsys):
     assert main(["layers", COLOUR_MODEL, "--weights", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "\x1b" not in err and err.strip().endswith("--weights weights.pt")
+
+
+@pytest.mark.slow
+def test_run_audits_a_later_call_and_warns_once_about_the_bare_name(colour_args, tmp_path, capsys):
+    """`auditor run --layer layer1.0.relu,layer1.0.relu_1` end to end: two layers, one warning line."""
+    import json
+
+    from auditor.cli import main
+
+    args = list(colour_args)
+    args[args.index("--model") + 1] = "resnet18"
+    args[args.index("--layer") + 1] = "layer1.0.relu,layer1.0.relu_1"
+    args += ["--resize", "32", "--crop", "32", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25",
+             "--formats", "json", "--no-fail-on-flag", "-q"]
+    args.remove("--no-normalize")
+    assert main(["run"] + args) == 0
+    err = capsys.readouterr().err
+    assert err.count("'layer1.0.relu' runs 2 times") == 1, err
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [layer["name"] for layer in data["layers"]] == ["layer1.0.relu", "layer1.0.relu_1"]
+    assert sum("'layer1.0.relu' runs 2 times" in w for w in data["warnings"]) == 1
+    assert data["provenance"]["capture"]["layer1.0.relu_1"]["module_calls"] == 2
