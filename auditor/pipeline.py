@@ -63,7 +63,8 @@ def resolve_preprocessing(cfg: AuditConfig, default):
         source += "; normalisation off"
     return Preprocessing(resize=cfg.resize if cfg.resize is not None else default.resize,
                          crop=cfg.crop if cfg.crop is not None else default.crop,
-                         mean=mean, std=std, source=source)
+                         mean=mean, std=std, source=source,
+                         interpolation=getattr(default, "interpolation", "bilinear"))
 
 
 UPSCALE_SAMPLE = 2000  # images whose size is read (evenly spaced) to tell whether preprocessing enlarges them
@@ -95,19 +96,16 @@ def preprocessing_notes(cfg: AuditConfig, pre, default, probe) -> tuple[list[str
     found: dict[str, Any] = {}
     target = pre.resize or pre.crop
     if target and len(probe):
-        from PIL import Image
-
         n = len(probe)
-        rows = sorted({int(i) for i in np.linspace(0, n - 1, min(n, UPSCALE_SAMPLE))})
+        in_memory = hasattr(probe, "load")  # a Dataset's items may be costly: look at fewer
+        rows = sorted({int(i) for i in np.linspace(0, n - 1, min(n, 64 if in_memory else UPSCALE_SAMPLE))})
         small, sizes = 0, []
         for i in rows:
-            try:
-                with Image.open(probe.full_path(i)) as im:
-                    w, h = im.size
-            except Exception:  # unreadable images are reported by the collection
+            side = _shorter_side(probe, i)
+            if side is None:  # unreadable images are reported by the collection
                 continue
-            sizes.append(min(w, h))
-            small += (min(w, h) < pre.resize) if pre.resize else (min(w, h) < pre.crop)
+            sizes.append(side)
+            small += side < target
         if small:
             how = f"resized up to {pre.resize} px (shorter side)" if pre.resize else \
                 f"padded to the {pre.crop} px centre crop"
@@ -120,6 +118,24 @@ def preprocessing_notes(cfg: AuditConfig, pre, default, probe) -> tuple[list[str
     return notes, found
 
 
+def _shorter_side(probe, i: int) -> int | None:
+    """The shorter side in pixels of probe image ``i`` (a file's header, or an in-memory image), or None."""
+    try:
+        if hasattr(probe, "load"):
+            x = probe.load(i)
+            if hasattr(x, "size") and not callable(x.size):  # PIL
+                return int(min(x.size))
+            shape = tuple(x.shape)
+            hw = shape[-2:] if len(shape) == 3 and shape[0] in (1, 3, 4) else shape[:2]
+            return int(min(hw))
+        from PIL import Image
+
+        with Image.open(probe.full_path(i)) as im:
+            return int(min(im.size))
+    except Exception:
+        return None
+
+
 def _check_paths(cfg: AuditConfig) -> None:
     out = Path(cfg.out).resolve()
     cache = cfg.cache_path.resolve()
@@ -130,31 +146,11 @@ def _check_paths(cfg: AuditConfig) -> None:
         raise ConfigError(f"--out {cfg.out} exists and is not a folder")
 
 
-def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) -> AuditResult | None:
-    """Audit the layers of one model on one probe set; return the result (writes nothing but the cache).
+def load_probe(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) -> tuple[Any, dict | None]:
+    """The probe set of ``cfg`` (synthesising artifact copies first when ``synth`` asks), and the
+    synth record for the provenance (None without synth). ``auditor watch`` loads it once."""
+    from .data import load_probe_set
 
-    Returns None on the worker ranks of a distributed (torchrun) run: they only
-    collect their shard of the activations; rank 0 explains and reports.
-    """
-    import torch
-
-    from . import invert
-    from .collect import build_transform, collect, state_hash
-    from .data import check_artifacts, load_probe_set
-    from .models import load_model, resolve_layer
-    from .paired import neuron_paired, paired_effects_by_artifact
-
-    t_all = time.perf_counter()
-    timings: dict[str, float] = {}
-    if not cfg.model:
-        raise ConfigError("no model given: pass --model (a torchvision name, package.module:callable, "
-                          "file.py:callable or a TorchScript file)")
-    if not cfg.layer:
-        raise ConfigError("no layer given: pass --layer NAME (list the names with `auditor layers MODEL`)")
-    _check_paths(cfg)
-    warnings: list[str] = []
-
-    t = time.perf_counter()
     images, labels, fmt = cfg.images, cfg.labels, cfg.labels_format
     synth_info = None
     if cfg.synth:
@@ -169,13 +165,48 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
         images, labels, fmt = made.images, made.labels, "long"
         synth_info = {"dir": str(made.out), "counts": made.n_synth, "reused": made.reused} \
             | cfg.synth.model_dump(mode="json")
-    probe = load_probe_set(images, labels, labels_format=fmt, hierarchy=cfg.hierarchy)
+    return load_probe_set(images, labels, labels_format=fmt, hierarchy=cfg.hierarchy), synth_info
+
+
+def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, model: Any = None,
+              probe: Any = None, synth_info: dict | None = None) -> AuditResult | None:
+    """Audit the layers of one model on one probe set; return the result (writes nothing but the cache).
+
+    ``model`` (a :class:`~auditor.models.LoadedModel`) replaces loading ``cfg.model``
+    and ``cfg.weights``; ``probe`` (a :class:`~auditor.data.ProbeSet`, possibly one
+    whose images live in memory) replaces loading ``cfg.images``/``cfg.labels``.
+    The Python API (:mod:`auditor.api`) and ``auditor watch`` pass them.
+
+    Returns None on the worker ranks of a distributed (torchrun) run: they only
+    collect their shard of the activations; rank 0 explains and reports.
+    """
+    import torch
+
+    from . import invert
+    from .collect import build_transform, collect, state_hash
+    from .data import check_artifacts
+    from .models import load_model, resolve_layer
+    from .paired import neuron_paired, paired_effects_by_artifact
+
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    if not cfg.model and model is None:
+        raise ConfigError("no model given: pass --model (a torchvision name, package.module:callable, "
+                          "file.py:callable or a TorchScript file)")
+    if not cfg.layer:
+        raise ConfigError("no layer given: pass --layer NAME (list the names with `auditor layers MODEL`)")
+    _check_paths(cfg)
+    warnings: list[str] = []
+
+    t = time.perf_counter()
+    if probe is None:
+        probe, synth_info = load_probe(cfg, log=log, progress=progress)
     check_artifacts(probe, cfg.artifacts)
     warnings.extend(probe.warnings)
     timings["load_data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    loaded = load_model(cfg.model, cfg.weights)
+    loaded = model if model is not None else load_model(cfg.model, cfg.weights)
     if loaded.info.get("warning"):
         warnings.append(loaded.info["warning"])
     layers = cfg.layers
@@ -187,6 +218,8 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
         log(f"warning: {note}")
     warnings.extend(pre_notes)
     geometry, transform = build_transform(pre, cfg.normalize)
+    if hasattr(probe, "input_transform"):  # images held in memory (auditor.audit with a Dataset)
+        transform = probe.input_transform(transform)
     model_hash = state_hash(loaded.module)  # what the cache key needs: the weights actually loaded
     timings["load_model_s"] = time.perf_counter() - t
 
@@ -413,7 +446,10 @@ def _top_images(k, layer_acts, probe, row_of, artifacts, geometry, views_fn, thu
         maps = {int(r): layer_acts.top_maps[j, k].astype(np.float32)
                 for j, r in enumerate(layer_acts.top_index[:, k])}
     vmax = max((float(m.max()) for m in maps.values()), default=0.0) if maps else 0.0
-    views = views_fn([probe.full_path(r) for r in rows], geometry)
+    if hasattr(probe, "views"):  # images in memory (a torch Dataset given to auditor.audit)
+        views = probe.views(rows, geometry)
+    else:
+        views = views_fn([probe.full_path(r) for r in rows], geometry)
     out = []
     for r, view in zip(rows, views):
         present = probe.row_concepts(r)
