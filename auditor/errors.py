@@ -41,6 +41,10 @@ class OutputError(AuditorError):
     """The output folder cannot be written as asked (a file auditor did not write, a lock held)."""
 
 
+class AuditorWarning(UserWarning):
+    """Something the user should know that does not stop the audit (also logged and kept in the results)."""
+
+
 def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ``" (did you mean 'a', 'b'?)"`` or an empty string."""
     choices = list(choices)

@@ -124,12 +124,10 @@ class Boom(Exception):
     pass
 
 
-def _crash_after_chunks(model, probe, tf, cache, n_batches):
-    calls = {"n": 0}
-
+def _crash_after_chunks(model, probe, tf, cache, n_chunks):
+    """Run until ``n_chunks`` chunk files are committed, then crash in the next forward pass."""
     def bomb(_m, _i, _o):
-        calls["n"] += 1
-        if calls["n"] == n_batches:
+        if len(list(cache.glob("*/chunk-*.npz"))) >= n_chunks:
             raise Boom("simulated crash")
 
     h = model.conv.register_forward_hook(bomb)
@@ -142,7 +140,7 @@ def test_valid_chunk_copied_over_another_is_not_reused(setup, tmp_path):
     probe, model, tf = setup
     ref = np.array(_collect(model, probe, tf).layers["act"].values)
     cache = tmp_path / "cache"
-    _crash_after_chunks(model, probe, tf, cache, 5)  # 2 batches of 16 per chunk: chunks 0 and 1 committed
+    _crash_after_chunks(model, probe, tf, cache, 2)  # chunks 0 and 1 committed
     key = _key_dir(cache)
     assert sorted(p.name for p in key.glob("chunk-*")) == ["chunk-00000.npz", "chunk-00001.npz"]
     shutil.copyfile(key / "chunk-00000.npz", key / "chunk-00001.npz")  # a valid chunk, in the wrong place
@@ -157,12 +155,12 @@ def test_chunk_from_another_cache_entry_is_not_reused(setup, tmp_path):
     probe, model, tf = setup
     ref = np.array(_collect(model, probe, tf).layers["act"].values)
     cache = tmp_path / "cache"
-    _crash_after_chunks(model, probe, tf, cache, 3)  # chunk 0 committed
+    _crash_after_chunks(model, probe, tf, cache, 1)  # chunk 0 committed
     key = _key_dir(cache)
     other = tmp_path / "other"
     with torch.no_grad():
         model.conv.bias[0] += 0.5
-    _crash_after_chunks(model, probe, tf, other, 3)
+    _crash_after_chunks(model, probe, tf, other, 1)
     with torch.no_grad():
         model.conv.bias[0] -= 0.5
     shutil.copyfile(_key_dir(other) / "chunk-00000.npz", key / "chunk-00000.npz")
@@ -175,7 +173,7 @@ def test_chunk_deleted_after_the_check_is_recomputed(setup, tmp_path, monkeypatc
     probe, model, tf = setup
     ref = np.array(_collect(model, probe, tf).layers["act"].values)
     cache = tmp_path / "cache"
-    _crash_after_chunks(model, probe, tf, cache, 5)
+    _crash_after_chunks(model, probe, tf, cache, 2)
     key = _key_dir(cache)
     from auditor.collect import run as run_mod
 
