@@ -188,6 +188,11 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
         results.append(LayerResult(name=name, output_shape=list(layer_acts.output_shape),
                                    reduction=getattr(layer_acts, "reduction", None) or cfg.reduction,
                                    neurons=neurons))
+    impacts = []
+    if cfg.impact and cfg.artifacts:
+        t = time.perf_counter()
+        impacts = _impact(cfg, loaded, results, probe, keep_rows, pre, geometry, log, warnings)
+        timings["impact_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
 
     provenance: dict[str, Any] = {
@@ -213,7 +218,30 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     return AuditResult(schema_version=SCHEMA_VERSION, tool={"name": "auditor", "version": __version__},
                        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                        title=title, config=cfg.plain(), provenance=provenance, thresholds=thresholds.plain(),
-                       concepts=concepts, artifacts=list(cfg.artifacts), layers=results, warnings=warnings)
+                       concepts=concepts, artifacts=list(cfg.artifacts), layers=results, warnings=warnings,
+                       impact=impacts)
+
+
+def _impact(cfg: AuditConfig, loaded, layers: list[LayerResult], probe, keep_rows, pre, geometry, log, warnings):
+    """The impact stage (auditor.impact): paste each artifact on clean probe images, compare the outputs."""
+    from .impact import run_impact
+
+    if cfg.synth:  # the user's own images, before synthesis: what `auditor synth --count` reads
+        from .data import load_probe_set
+
+        clean_probe = load_probe_set(cfg.images, cfg.labels, labels_format=cfg.labels_format,
+                                     allow_no_concepts=True)
+    else:
+        clean_probe = probe.subset(keep_rows) if not keep_rows.all() else probe
+    seed = cfg.impact_seed if cfg.impact_seed is not None else (cfg.synth.seed if cfg.synth else cfg.seed)
+    params = cfg.impact_params if cfg.impact_params is not None else (dict(cfg.synth.params) if cfg.synth else {})
+    return run_impact(loaded.module, layers, probe=clean_probe, artifacts=list(cfg.artifacts),
+                      count=cfg.impact_count, seed=seed, params=params, geometry=geometry,
+                      mean=pre.mean if cfg.normalize else None, std=pre.std if cfg.normalize else None,
+                      device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,
+                      reduction=cfg.reduction, output=cfg.output, class_names=cfg.class_names,
+                      model_spec=loaded.spec, model_kind=loaded.kind, ablation=cfg.ablation,
+                      draws=cfg.ablation_draws, save_pairs=cfg.save_pairs, log=log, warnings=warnings)
 
 
 def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry):
