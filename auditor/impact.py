@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -585,7 +586,7 @@ def _synth_command(a: str, p: Mapping[str, Any], count: int, seed: int) -> str:
     parts = [f"auditor synth --images IMAGES [--labels LABELS] --out OUT --artifacts {a} --count {count} "
              f"--seed {seed}"]
     for k, v in p.items():
-        parts.append(f"--param {a}.{k}={json.dumps(_plain({k: v})[k])}")
+        parts.append("--param " + shlex.quote(f"{a}.{k}={json.dumps(_plain({k: v})[k])}"))
     return " ".join(parts)
 
 
