@@ -305,6 +305,14 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if isinstance(synth, dict) and isinstance(synth.get("plugins"), list):
         synth["plugins"] = [str(path.parent / p) if isinstance(p, str) and p.endswith(".py")
                             and not Path(p).is_absolute() else p for p in synth["plugins"]]
+    impact_params = data.get("impact_params")
+    if isinstance(impact_params, dict):  # a logo or font file named in the config: relative to the file
+        for params in impact_params.values():
+            if isinstance(params, dict):
+                for k in ("logo", "font"):
+                    v = params.get(k)
+                    if isinstance(v, str) and not Path(v).is_absolute():
+                        params[k] = str(path.parent / v)
     for key in ("model", "weights", "images", "labels", "hierarchy", "cache_dir", "out", "class_names",
                 "save_pairs"):
         value = data.get(key)

@@ -409,3 +409,54 @@ def test_fail_on_impact_exit_codes_and_junit(demo_audit, tmp_path):
     assert "ArtifactImpact" not in (tmp_path / "b" / "junit.xml").read_text()
     assert main(base + ["--out", str(tmp_path / "c")]) == 0  # no gate
     assert main(base + ["--out", str(tmp_path / "d"), "--fail-on-impact", "1.5"]) == 2
+
+
+def test_report_page_one_and_junit_show_the_impact(rg_probe):
+    import xml.etree.ElementTree as ET
+
+    from auditor.report import render_html
+    from auditor.report.junit import junit_tree
+
+    probe = load_probe_set(*rg_probe)
+    [res] = _run(probe, _layers(), draws=2)
+
+    def result(gate):
+        return AuditResult(schema_version="1.0", tool={}, created="", title="t", config={"fail_on_impact": gate},
+                           provenance={}, thresholds={}, concepts=[], artifacts=["border"], layers=_layers(),
+                           impact=[res])
+
+    html = render_html(result(0.1))
+    page1 = html[:html.index('id="flagged"')]
+    assert "Impact on the model&#39;s outputs" in page1 or "Impact on the model's outputs" in page1
+    assert "border flips 47.8% of predictions" in page1 and "Above the --fail-on-impact threshold" in page1
+    assert 'id="impact-border"' in html and "greenish → reddish" in html and "flow-bar" in html
+    assert "--count 100 --seed 3" in html  # the synth command that writes the same images
+
+    def cases(gate):
+        root = junit_tree(result(gate)).getroot()
+        suite = next(s for s in root if s.get("name") == "auditor.impact")
+        return suite, [c for c in suite]
+
+    suite, [case] = cases(0.1)
+    assert suite.get("failures") == "1" and case.find("failure") is not None
+    suite, [case] = cases(0.5)
+    assert suite.get("failures") == "0" and case.find("failure") is None and case.find("skipped") is None
+    suite, [case] = cases(None)
+    assert case.find("skipped") is not None
+
+
+def test_synth_count_on_the_command_line(rg_probe, tmp_path, capsys):
+    from auditor.cli import main
+
+    images, labels = rg_probe
+    args = ["synth", "--images", str(images), "--labels", str(labels), "--artifacts", "border", "-q"]
+    assert main(args + ["--out", str(tmp_path / "a"), "--count", "5", "--fraction", "0.5"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "b"), "--count", "0"]) == 2
+    assert main(args + ["--out", str(tmp_path / "c"), "--count", "5", "--seed", "2"]) == 0
+    made = sorted(p.name for p in (tmp_path / "c" / "images" / "border").iterdir())
+    probe = load_probe_set(images, labels)
+    assert made == sorted(probe.paths[i] for i in pick_clean(probe, "border", 5, 2))
+    assert "im23.png" not in made  # carries a border already
+    manifest = json.loads((tmp_path / "c" / "synth.json").read_text())
+    assert manifest["count"] == 5 and manifest["fraction"] is None
