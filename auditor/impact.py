@@ -506,12 +506,14 @@ def run_impact(model, layers, *, probe, artifacts: Sequence[str], count: int, se
                precision: str = "float32", batch_size: int = 64, reduction: str = "mean", output: str = "auto",
                class_names: str | None = None, model_spec: str | None = None, model_kind: str | None = None,
                ablation: str = "mean", draws: int = 10, save_pairs: str | None = None, log: Log = lambda m: None,
-               warnings: list[str] | None = None):
+               warnings: list[str] | None = None, paired: dict[str, dict[str, Any]] | None = None):
     """The impact of every artifact with a generator; returns ``list[ArtifactImpact]``.
 
     ``layers`` are the audit's :class:`~auditor.results.LayerResult` (flags are read from
     ``NeuronResult.flags``). ``probe`` is the clean probe set (the user's images, before
     any synthesis). ``geometry`` resizes/crops a PIL image; ``mean``/``std`` normalise.
+    ``paired``, when given, receives ``{layer: {artifact: paired effects}}``: every neuron's
+    paired change on the test pairs (:func:`auditor.paired.paired_effects`).
     """
     import torch
 
@@ -563,6 +565,13 @@ def run_impact(model, layers, *, probe, artifacts: Sequence[str], count: int, se
                 res, extra = _one_artifact(a, rows, probe, X_clean, X_pasted, X_control, clean_v, pasted_v, fwd,
                                            hooks, layers, output, class_names, model, model_spec, model_kind,
                                            ablation, draws, seed)
+                if paired is not None:
+                    from .paired import paired_effects
+
+                    for name, (ac, ap) in extra.pop("acts").items():
+                        m = len(ac)
+                        pairs = np.stack([np.arange(m), np.arange(m, 2 * m)], axis=1)
+                        paired.setdefault(name, {})[a] = paired_effects(np.concatenate([ac, ap]), pairs)
                 gen_info = {"name": a, "params": _plain(p), "seed": int(seed), "count": int(count),
                             "n_clean_available": int(clean_mask(probe).sum()),
                             "synth_command": _synth_command(a, p, count, seed)}
@@ -605,7 +614,7 @@ def _one_artifact(a, rows, probe, X_clean, X_pasted, X_control, clean_v, pasted_
     out_control = fwd(X_control)
     head = class_head(fwd.shapes, output)
     res: dict[str, Any] = {"output_kind": "classes" if head else "embedding", "class_head": head}
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"acts": {n: (acts_clean[n], acts_pasted[n]) for n in acts_clean if n in acts_pasted}}
     if head is None:
         change = output_changes(out_clean, out_pasted)
         cchange = output_changes(out_clean, out_control)

@@ -191,7 +191,9 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     impacts = []
     if cfg.impact and cfg.artifacts:
         t = time.perf_counter()
-        impacts = _impact(cfg, loaded, results, probe, keep_rows, pre, geometry, log, warnings)
+        paired: dict[str, dict] = {}
+        impacts = _impact(cfg, loaded, results, probe, keep_rows, pre, geometry, log, warnings, paired)
+        results = _with_impact_pairs(results, paired)
         timings["impact_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
 
@@ -222,7 +224,22 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
                        impact=impacts)
 
 
-def _impact(cfg: AuditConfig, loaded, layers: list[LayerResult], probe, keep_rows, pre, geometry, log, warnings):
+def _with_impact_pairs(layers: list[LayerResult], paired: dict[str, dict]) -> list[LayerResult]:
+    """Every neuron's paired change on the impact test's pairs, where --synth did not measure one."""
+    from .paired import neuron_paired
+
+    out = []
+    for lyr in layers:
+        eff = paired.get(lyr.name)
+        if eff:
+            lyr = _replace(lyr, neurons=[_replace(n, paired={**neuron_paired(eff, n.index), **n.paired})
+                                         for n in lyr.neurons])
+        out.append(lyr)
+    return out
+
+
+def _impact(cfg: AuditConfig, loaded, layers: list[LayerResult], probe, keep_rows, pre, geometry, log, warnings,
+            paired=None):
     """The impact stage (auditor.impact): paste each artifact on clean probe images, compare the outputs."""
     from .impact import run_impact
 
@@ -241,7 +258,8 @@ def _impact(cfg: AuditConfig, loaded, layers: list[LayerResult], probe, keep_row
                       device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,
                       reduction=cfg.reduction, output=cfg.output, class_names=cfg.class_names,
                       model_spec=loaded.spec, model_kind=loaded.kind, ablation=cfg.ablation,
-                      draws=cfg.ablation_draws, save_pairs=cfg.save_pairs, log=log, warnings=warnings)
+                      draws=cfg.ablation_draws, save_pairs=cfg.save_pairs, log=log, warnings=warnings,
+                      paired=paired)
 
 
 def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry):

@@ -237,6 +237,20 @@ def test_hand_set_model_flips_exactly(rg_probe):
     assert "border flips" in res.summary and "47.8%" in res.summary
 
 
+def test_paired_effect_of_every_neuron_on_the_test_pairs(rg_probe):
+    probe = load_probe_set(*rg_probe)
+    paired = {}
+    _run(probe, _layers(), paired=paired, draws=1)
+    eff = paired["feat"]["border"]
+    rows = pick_clean(probe, "border", 100, 3)
+    r = np.array([COLOURS[int(i) % 6][0][0] for i in rows], dtype=float)
+    d = 0.36 * (255 - r) / 255  # the red mean rises by the frame's share of (255 - r)
+    assert eff["n_pairs"][0] == 23 and eff["frac_rise"][0] == 1.0
+    assert eff["mean_diff_sd"][0] == pytest.approx(d.mean() / (r / 255).std(), rel=1e-5)
+    assert eff["frac_rise"][1] == 0.0  # green falls under a red frame
+    assert eff["mean_diff_sd"][2] == 0.0 and eff["wilcoxon_p"][2] == 1.0  # blue: 0 everywhere
+
+
 def test_mean_ablation_uses_the_mean_over_the_clean_test_images(rg_probe):
     probe = load_probe_set(*rg_probe)
     [res] = _run(probe, _layers(), ablation="mean", draws=1)
@@ -367,6 +381,13 @@ def test_demo_ablating_the_flagged_neurons_removes_most_flips(demo_audit):
     r = a["random"]
     assert r["draws"] >= 10 and r["share_mean"] < 0.2 and r["share_max"] < a["share_carried"]
     assert a["accuracy_cost"] is not None and wm.examples and wm.examples[0]["pairs"]
+    # Every neuron's paired change on the test pairs; the documented watermark channels rise most.
+    from auditor.demo.model import DEMO_WATERMARK_CHANNELS
+
+    neurons = result.layers[0].neurons
+    assert all("watermark" in n.paired and n.paired["watermark"]["n_pairs"] == wm.n_images for n in neurons)
+    top = sorted(neurons, key=lambda n: -n.paired["watermark"]["mean_diff_sd"])[:len(DEMO_WATERMARK_CHANNELS)]
+    assert {n.index for n in top} == set(DEMO_WATERMARK_CHANNELS)
     # The text artifact flags no neuron: no ablation.
     text, _ = _demo_impact(demo_audit, "text")
     assert text.ablation is None
