@@ -59,6 +59,9 @@ MAX_CLASS_ROWS = 12
 MAX_EXAMPLE_NEURONS = 12
 EXAMPLES_PER_NEURON = 3
 EXAMPLE_SIDE = 64
+#: Keep the ablated layer's full outputs (clean + pasted) up to this size, so the ablation
+#: passes compute only the layers after it (:meth:`_Forward.downstream`).
+STORE_MAX_BYTES = 2 << 30
 
 
 # ============================================================================ pure functions
@@ -324,6 +327,9 @@ class _Ablate:
         self.count = 0
         self.values: dict[str, list[np.ndarray]] = {}
         self.means: dict[str, Any] = {}
+        self.store: set[str] = set()  # layers whose full output each batch keeps (downstream-only passes)
+        self.stored: dict[str, list[Any]] = {}
+        self.replace: dict[str, Any] = {}  # layer -> the output to use instead of the computed one
 
     @staticmethod
     def axis(ndim: int) -> int:
@@ -338,13 +344,17 @@ class _Ablate:
                 out, rest = out[0], tuple(out[1:])
             if not isinstance(out, torch.Tensor):
                 return None
+            changed = False
+            if name in self.replace:
+                out, changed = self.replace[name], True
+            if name in self.store:
+                self.stored.setdefault(name, []).append(out.detach().to("cpu", copy=True))
             if self.accumulate:
                 s = out.detach().float().sum(dim=0)
                 self.sums[name] = s if name not in self.sums else self.sums[name] + s
                 if name == next(iter(self.modules)):
                     self.count += out.shape[0]
             idx = self.ablate.get(name)
-            changed = False
             if idx is not None and len(idx):
                 out = out.clone()
                 ax = self.axis(out.dim())
@@ -396,27 +406,49 @@ class _Forward:
             return torch.autocast(device_type=self.dev.type, dtype=getattr(torch, self.precision))
         return contextlib.nullcontext()
 
-    def __call__(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    def _tensor(self, arrs: Sequence[np.ndarray]):
         import torch
         from torchvision.transforms import functional as F
+
+        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous().float().div(255)
+        if self.mean is not None and self.std is not None:
+            x = F.normalize(x, list(self.mean), list(self.std))
+        return x.to(self.dev)
+
+    def _run(self, x) -> dict[str, Any]:
+        try:
+            return heads_of(self.model(x))
+        except RuntimeError as exc:
+            raise DataError(f"the model failed on the impact test's images: {str(exc).splitlines()[0]}") from None
+
+    def __call__(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
 
         parts: dict[str, list[np.ndarray]] = {}
         with torch.inference_mode(), self._ctx():
             for start in range(0, len(images), self.batch_size):
-                arr = np.stack(images[start:start + self.batch_size])
-                x = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().float().div(255)
-                if self.mean is not None and self.std is not None:
-                    x = F.normalize(x, list(self.mean), list(self.std))
-                try:
-                    out = self.model(x.to(self.dev))
-                except RuntimeError as exc:
-                    raise DataError(f"the model failed on the impact test's images: {str(exc).splitlines()[0]}") \
-                        from None
-                for k, v in heads_of(out).items():
+                for k, v in self._run(self._tensor(images[start:start + self.batch_size])).items():
                     parts.setdefault(k, []).append(v.detach().float().cpu().numpy())
         res = {k: np.concatenate(v) for k, v in parts.items()}
         self.shapes = {k: v.shape for k, v in res.items()}
         return res
+
+    def downstream(self, images: Sequence[np.ndarray], stored: list[Any], hooks: _Ablate, layer: str):
+        """The outputs when ``layer`` returns the ``stored`` batches (ablated by ``hooks``), computing the
+        layers before it on one image per batch only. Valid when nothing after ``layer`` reads an
+        earlier tensor: :func:`_downstream_ok` checks that on the unablated outputs first."""
+        import torch
+
+        parts: dict[str, list[np.ndarray]] = {}
+        try:
+            with torch.inference_mode(), self._ctx():
+                for b, start in enumerate(range(0, len(images), self.batch_size)):
+                    hooks.replace = {layer: stored[b].to(self.dev)}
+                    for k, v in self._run(self._tensor(images[start:start + 1])).items():
+                        parts.setdefault(k, []).append(v.detach().float().cpu().numpy())
+        finally:
+            hooks.replace = {}
+        return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def _prepare(probe, rows: np.ndarray, gen, params: Mapping[str, Any], seed: int, artifact: str, geometry):
@@ -599,16 +631,29 @@ def _synth_command(a: str, p: Mapping[str, Any], count: int, seed: int) -> str:
     return " ".join(parts)
 
 
+def _flagged(layers, a) -> dict[str, np.ndarray]:
+    out = {lyr.name: np.array(sorted(n.index for n in lyr.neurons if any(fl.artifact == a for fl in n.flags)),
+                              dtype=np.int64) for lyr in layers}
+    return {k: v for k, v in out.items() if len(v)}
+
+
 def _one_artifact(a, rows, probe, X_clean, X_pasted, X_control, clean_v, pasted_v, fwd, hooks, layers, output,
                   class_names, model, model_spec, model_kind, ablation_mode, draws, seed):
     hooks.ablate, hooks.mode = {}, ablation_mode
-    hooks.sums, hooks.count, hooks.values = {}, 0, {}
+    hooks.sums, hooks.count, hooks.values, hooks.stored = {}, 0, {}, {}
     hooks.accumulate = hooks.capture_values = True
+    flagged = _flagged(layers, a)
+    hooks.store = set(flagged) if len(flagged) == 1 else set()
     out_clean = fwd(X_clean)
     hooks.finish_means()
+    stored_clean = hooks.stored
+    if sum(t.numel() * t.element_size() for v in stored_clean.values() for t in v) > STORE_MAX_BYTES // 2:
+        hooks.store, stored_clean = set(), {}
+    hooks.stored = {}
     acts_clean = {n: np.concatenate(v) for n, v in hooks.values.items()}
     hooks.values = {}
     out_pasted = fwd(X_pasted)
+    stored_pasted, hooks.stored, hooks.store = hooks.stored, {}, set()
     acts_pasted = {n: np.concatenate(v) for n, v in hooks.values.items()}
     hooks.values, hooks.capture_values = {}, False
     out_control = fwd(X_control)
@@ -632,8 +677,13 @@ def _one_artifact(a, rows, probe, X_clean, X_pasted, X_control, clean_v, pasted_
     truth = _row_classes(probe, rows, names)
     has_truth = truth >= 0
     toward = towards(y_clean, y_pasted, names)
+    stored = None
+    if stored_clean and stored_pasted:
+        (layer, sc), sp = next(iter(stored_clean.items())), stored_pasted[next(iter(stored_clean))]
+        if _downstream_ok(fwd.downstream(X_clean, sc, hooks, layer)[head], out_clean[head]):
+            stored = (layer, sc, sp)
     abl = _attribution(a, layers, hooks, fwd, head, X_clean, X_pasted, y_clean, float(f.mean()), truth, has_truth,
-                       ablation_mode, draws, seed)
+                       ablation_mode, draws, seed, stored)
     res.update(
         flip_rate=float(f.mean()), control_flip_rate=float(fc.mean()), n_flips=int(f.sum()),
         n_control_flips=int(fc.sum()), flip_ci=proportion_ci(int(f.sum()), M),
@@ -651,11 +701,16 @@ def _one_artifact(a, rows, probe, X_clean, X_pasted, X_control, clean_v, pasted_
     return res, extra
 
 
+def _downstream_ok(shortcut: np.ndarray, full: np.ndarray) -> bool:
+    """The downstream-only pass reproduces the full pass: same top-1 everywhere, same scores to rounding."""
+    if shortcut.shape != full.shape or not (shortcut.argmax(1) == full.argmax(1)).all():
+        return False
+    return bool(np.allclose(shortcut, full, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(full).max()))))
+
+
 def _attribution(a, layers, hooks, fwd, head, X_clean, X_pasted, y_clean, base_flip, truth, has_truth, mode,
-                 draws, seed):
-    flagged = {lyr.name: np.array(sorted(n.index for n in lyr.neurons if any(fl.artifact == a for fl in n.flags)),
-                                  dtype=np.int64) for lyr in layers}
-    flagged = {k: v for k, v in flagged.items() if len(v)}
+                 draws, seed, stored=None):
+    flagged = _flagged(layers, a)
     if not flagged:
         return None
     pools = {lyr.name: np.array(sorted(n.index for n in lyr.neurons if not n.flags and n.status != "dead"),
@@ -664,7 +719,12 @@ def _attribution(a, layers, hooks, fwd, head, X_clean, X_pasted, y_clean, base_f
     def run(ablate):
         hooks.ablate = ablate
         try:
-            yc, yp = fwd(X_clean)[head].argmax(1), fwd(X_pasted)[head].argmax(1)
+            if stored is not None:  # only the layers after the ablated one are computed (checked equal above)
+                layer, sc, sp = stored
+                yc = fwd.downstream(X_clean, sc, hooks, layer)[head].argmax(1)
+                yp = fwd.downstream(X_pasted, sp, hooks, layer)[head].argmax(1)
+            else:
+                yc, yp = fwd(X_clean)[head].argmax(1), fwd(X_pasted)[head].argmax(1)
         finally:
             hooks.ablate = {}
         acc = float((yc[has_truth] == truth[has_truth]).mean()) if has_truth.any() else None
@@ -686,7 +746,7 @@ def _attribution(a, layers, hooks, fwd, head, X_clean, X_pasted, y_clean, base_f
     shares_ok = [s for s in shares if s is not None]
     neurons = [f"{layer}#{i}" for layer, idx in flagged.items() for i in idx]
     return {
-        "mode": mode, "layers": list(flagged), "neurons": neurons,
+        "mode": mode, "layers": list(flagged), "neurons": neurons, "downstream_only": stored is not None,
         "flip_rate": flip_abl, "share_carried": share_carried(base_flip, flip_abl),
         "clean_accuracy": acc0, "ablated_accuracy": acc_abl,
         "accuracy_cost": None if acc0 is None or acc_abl is None else acc0 - acc_abl,

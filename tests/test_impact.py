@@ -251,6 +251,42 @@ def test_paired_effect_of_every_neuron_on_the_test_pairs(rg_probe):
     assert eff["mean_diff_sd"][2] == 0.0 and eff["wilcoxon_p"][2] == 1.0  # blue: 0 everywhere
 
 
+class SkipRG(MeanRG):
+    """MeanRG plus a path around ``feat``: the head also reads the pooled input directly."""
+
+    def forward(self, x):
+        pooled = self.pool(x)
+        return self.head(self.feat(pooled)) + 0.5 * self.head(pooled.flatten(1))
+
+
+def test_downstream_only_ablation_passes_equal_full_passes(rg_probe, monkeypatch):
+    probe = load_probe_set(*rg_probe)
+    [fast] = _run(probe, _layers(), ablation="mean", draws=4)
+    monkeypatch.setattr(imp, "STORE_MAX_BYTES", 0)
+    [full] = _run(probe, _layers(), ablation="mean", draws=4)
+    assert fast.ablation.pop("downstream_only") is True and full.ablation.pop("downstream_only") is False
+    assert fast.ablation == full.ablation
+
+
+def test_a_path_around_the_layer_falls_back_to_full_passes(rg_probe, monkeypatch):
+    """With a tensor from before the layer read after it, the shortcut would be wrong: it is not used."""
+    probe = load_probe_set(*rg_probe)
+    args = dict(probe=probe, artifacts=["border"], count=100, seed=3,
+                params={"border": {"width": WIDTH, "color": list(RED)}}, geometry=lambda im: im, mean=None,
+                std=None, device="cpu", batch_size=5, ablation="zero", draws=2)
+    [res] = imp.run_impact(SkipRG(), _layers(), **args)
+    assert res.ablation["downstream_only"] is False
+    # Zeroing R in feat only: logits = 0.5*[r-g, g-r] + [-g, g]; recompute by hand from the image means.
+    rows = pick_clean(probe, "border", 100, 3)
+    rg = np.array([COLOURS[int(r) % 6][0] for r in rows], dtype=float) / 255
+    s = 144 / 400
+    def cls(r, g):
+        return np.where(0.5 * (r - g) - g > 0.5 * (g - r) + g, 0, 1)
+    clean = cls(rg[:, 0], rg[:, 1])
+    pasted = cls((1 - s) * rg[:, 0] + s, (1 - s) * rg[:, 1])
+    assert res.ablation["flip_rate"] == pytest.approx((clean != pasted).mean(), abs=1e-12)
+
+
 def test_mean_ablation_uses_the_mean_over_the_clean_test_images(rg_probe):
     probe = load_probe_set(*rg_probe)
     [res] = _run(probe, _layers(), ablation="mean", draws=1)
