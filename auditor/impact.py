@@ -323,8 +323,7 @@ class _Ablate:
         self.mode = "mean"
         self.capture_values = False
         self.accumulate = False
-        self.sums: dict[str, Any] = {}
-        self.count = 0
+        self.sums: dict[str, Any] = {}  # layer -> (sum, count) while accumulating the mean
         self.values: dict[str, list[np.ndarray]] = {}
         self.means: dict[str, Any] = {}
         self.store: set[str] = set()  # layers whose full output each batch keeps (downstream-only passes)
@@ -350,10 +349,13 @@ class _Ablate:
             if name in self.store:
                 self.stored.setdefault(name, []).append(out.detach().to("cpu", copy=True))
             if self.accumulate:
-                s = out.detach().float().sum(dim=0)
-                self.sums[name] = s if name not in self.sums else self.sums[name] + s
-                if name == next(iter(self.modules)):
-                    self.count += out.shape[0]
+                # Mean over images: per position for (B, C, H, W) and (B, D); for token outputs
+                # (B, T, D) or (T, B, D) one value per neuron, whatever the layout.
+                x = out.detach().float()
+                s, n = (x.reshape(-1, x.shape[-1]).sum(0), x.shape[0] * x.shape[1]) if x.dim() == 3 \
+                    else (x.sum(0), x.shape[0])
+                s0, n0 = self.sums.get(name, (0.0, 0))
+                self.sums[name] = (s + s0, n + n0)
             idx = self.ablate.get(name)
             if idx is not None and len(idx):
                 out = out.clone()
@@ -362,8 +364,7 @@ class _Ablate:
                 if self.mode == "zero":
                     out.index_fill_(ax if ax >= 0 else out.dim() - 1, sel, 0.0)
                 else:
-                    mean = self.means[name].to(out.device, out.dtype)  # per-image shape
-                    full = mean.unsqueeze(0).expand_as(out)
+                    full = self.means[name].to(out.device, out.dtype).expand_as(out)
                     ax_ = ax if ax >= 0 else out.dim() - 1
                     out.index_copy_(ax_, sel, full.index_select(ax_, sel))
                 changed = True
@@ -387,7 +388,7 @@ class _Ablate:
                 h.remove()
 
     def finish_means(self) -> None:
-        self.means = {n: (s / max(self.count, 1)) for n, s in self.sums.items()}
+        self.means = {name: s / max(n, 1) for name, (s, n) in self.sums.items()}
         self.accumulate = False
 
 
@@ -571,6 +572,14 @@ def run_impact(model, layers, *, probe, artifacts: Sequence[str], count: int, se
                 raise ConfigError(f"impact_params: artifact {a!r} has no parameter {bad[0]!r}"
                                   f"{did_you_mean(bad[0], ARTIFACTS[a].params)}; expected one of: "
                                   f"{', '.join(ARTIFACTS[a].params)}")
+    extra_params = [a for a in params if a not in artifacts]
+    if extra_params:
+        from .errors import did_you_mean
+
+        raise ConfigError(f"impact_params given for {extra_params[0]!r}, which is not among the artifacts"
+                          f"{did_you_mean(extra_params[0], artifacts)}; artifacts: {', '.join(artifacts)}")
+    if save_pairs:
+        _check_pairs_folder(Path(save_pairs), Path(probe.root))
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     was_training = model.training
@@ -640,7 +649,7 @@ def _flagged(layers, a) -> dict[str, np.ndarray]:
 def _one_artifact(a, rows, probe, X_clean, X_pasted, X_control, clean_v, pasted_v, fwd, hooks, layers, output,
                   class_names, model, model_spec, model_kind, ablation_mode, draws, seed):
     hooks.ablate, hooks.mode = {}, ablation_mode
-    hooks.sums, hooks.count, hooks.values, hooks.stored = {}, 0, {}, {}
+    hooks.sums, hooks.values, hooks.stored = {}, {}, {}
     hooks.accumulate = hooks.capture_values = True
     flagged = _flagged(layers, a)
     hooks.store = set(flagged) if len(flagged) == 1 else set()
@@ -788,16 +797,24 @@ def _examples(a, layers, acts_clean, acts_pasted, probe, rows, clean_v, pasted_v
     return out
 
 
-def _save_pairs(folder: Path, probe, made: Mapping[str, Any]) -> None:
-    """Write the pairs in the `auditor synth` layout (+ control images and a CSV), atomically."""
-    import csv
-
+def _check_pairs_folder(folder: Path, images: Path) -> None:
+    """--save-pairs may replace an earlier pairs folder, never anything else, and never lies in the images."""
+    f, root = folder.resolve(), images.resolve()
+    if f == root or root in f.parents or f in root.parents:
+        raise ConfigError(f"save_pairs: {folder} overlaps the probe image folder {images}; pick another folder")
     if folder.exists():
         if not folder.is_dir():
             raise ConfigError(f"save_pairs: {folder} exists and is not a folder")
         if any(folder.iterdir()) and not (folder / "pairs.csv").is_file():
             raise ConfigError(f"save_pairs: {folder} is not empty and holds no earlier pairs.csv; pick another "
                               "folder")
+
+
+def _save_pairs(folder: Path, probe, made: Mapping[str, Any]) -> None:
+    """Write the pairs in the `auditor synth` layout (+ control images and a CSV), atomically."""
+    import csv
+
+    _check_pairs_folder(folder, Path(probe.root))
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.pairs-", dir=folder.parent))
     try:

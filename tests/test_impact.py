@@ -341,6 +341,52 @@ def test_unknown_generator_is_skipped_with_a_warning(rg_probe):
     assert "no artifact generator" in warnings[0]
     with pytest.raises(ConfigError, match="has no parameter 'widht'"):
         _run(probe, _layers(), params={"border": {"widht": 0.1}})
+    with pytest.raises(ConfigError, match="impact_params given for 'text'"):
+        _run(probe, _layers(), params={"text": {"size": 0.1}})
+
+
+def test_save_pairs_never_overwrites_or_writes_into_the_images(rg_probe, tmp_path):
+    probe = load_probe_set(*rg_probe)
+    images = rg_probe[0]
+    with pytest.raises(ConfigError, match="overlaps the probe image folder"):
+        _run(probe, _layers(), save_pairs=str(images / "pairs"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds no earlier pairs.csv"):
+        _run(probe, _layers(), save_pairs=str(other))
+    assert (other / "keep.txt").read_text() == "mine"
+    _run(probe, _layers(), save_pairs=str(tmp_path / "p"), draws=1)
+    _run(probe, _layers(), save_pairs=str(tmp_path / "p"), draws=1, count=3)  # replaces an earlier one
+    assert len(list(csv.DictReader(open(tmp_path / "p" / "pairs.csv")))) == 3
+
+
+class Tokens(nn.Module):
+    """A token layer (B, T, D) before a mean-pooled linear head: the mean ablation is per neuron."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Identity()
+        self.head = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        t = self.tok(x.flatten(2).transpose(1, 2))  # (B, H*W, 3) tokens
+        return self.head(t.mean(1))
+
+
+def test_token_layers_are_ablated_per_neuron(rg_probe):
+    probe = load_probe_set(*rg_probe)
+    layers = [LayerResult(name="tok", output_shape=[400, 3], reduction="mean", neurons=_layers()[0].neurons)]
+    args = dict(probe=probe, artifacts=["border"], count=100, seed=3,
+                params={"border": {"width": WIDTH, "color": list(RED)}}, geometry=lambda im: im, mean=None,
+                std=None, device="cpu", batch_size=5, ablation="mean", draws=1)
+    [res] = imp.run_impact(Tokens(), layers, **args)
+    [ref] = _run(probe, _layers(), ablation="mean", draws=1)  # the same function through a (B, 3) layer
+    assert res.n_flips == ref.n_flips == 11
+    assert res.ablation["flip_rate"] == pytest.approx(ref.ablation["flip_rate"], abs=1e-12)
 
 
 def test_results_round_trip(rg_probe, tmp_path):
