@@ -369,7 +369,7 @@ class _Ablate:
                     out.index_copy_(ax_, sel, full.index_select(ax_, sel))
                 changed = True
             if self.capture_values:
-                from .activations import reduce_output
+                from .collect import reduce_output
 
                 vals, _ = reduce_output(out.detach(), name, self.reduction)
                 self.values.setdefault(name, []).append(vals.float().cpu().numpy())
@@ -550,7 +550,7 @@ def run_impact(model, layers, *, probe, artifacts: Sequence[str], count: int, se
     """
     import torch
 
-    from .activations import resolve_device, resolve_precision
+    from .collect import resolve_device, resolve_precision
     from .artifacts import ARTIFACTS
     from .results import ArtifactImpact
     from .synth import clean_mask, pick_clean

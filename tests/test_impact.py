@@ -478,7 +478,7 @@ def test_demo_ablating_the_flagged_neurons_removes_most_flips(demo_audit):
 @pytest.mark.slow
 def test_control_model_without_the_shortcut_barely_flips(demo_audit):
     """The shipped control model (watermark on 20% of every class in training): near-zero flips."""
-    from auditor.activations import build_transform
+    from auditor.collect import build_transform
     from auditor.demo.model import CONTROL_WEIGHTS, load_demo_model
     from auditor.models import Preprocessing
 
