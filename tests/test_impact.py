@@ -530,6 +530,8 @@ def test_report_page_one_and_junit_show_the_impact(rg_probe):
     page1 = html[:html.index('id="flagged"')]
     assert "Impact on the model&#39;s outputs" in page1 or "Impact on the model's outputs" in page1
     assert "border flips 47.8% of predictions" in page1 and "Above the --fail-on-impact threshold" in page1
+    header = html[:html.index("</header>")]  # the banner on the very first page
+    assert "flips 47.8% of predictions (occlusion control 0.0%), the flagged neurons carry" in header
     assert 'id="impact-border"' in html and "greenish → reddish" in html and "flow-bar" in html
     assert "--count 100 --seed 3" in html  # the synth command that writes the same images
 

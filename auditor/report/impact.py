@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..results import AuditResult, LayerResult, NeuronResult
-from .env import data_image
+from .env import data_image, fmt_num, fmt_pct
 
 
 def impact_context(result: AuditResult) -> list[dict[str, Any]]:
@@ -38,8 +38,22 @@ def impact_context(result: AuditResult) -> list[dict[str, Any]]:
             "ablation": a, "random": (a or {}).get("random") or {},
             "n_ablated": len((a or {}).get("neurons") or []),
             "gate": gate, "exceeded": exceeded,
+            "headline": _headline(imp),
         })
     return out
+
+
+def _headline(imp) -> str:
+    """The banner's words after the artifact's name."""
+    if imp.flip_rate is None:
+        head, c = next(iter((imp.output_change or {}).items()), (None, None))
+        return f"moves the output by a mean cosine distance of {fmt_num(c.get('mean_cosine_distance'))}" \
+            if c else "was tested (no comparable output)"
+    s = f"flips {fmt_pct(imp.flip_rate)} of predictions (occlusion control {fmt_pct(imp.control_flip_rate)})"
+    a = imp.ablation or {}
+    if a.get("share_carried") is not None:
+        s += f", the flagged neurons carry {fmt_pct(a['share_carried'])}"
+    return s
 
 
 def card_extras(result: AuditResult, layer: LayerResult, neuron: NeuronResult) -> dict[str, Any]:
