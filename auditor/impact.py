@@ -579,7 +579,7 @@ def run_impact(model, layers, *, probe, artifacts: Sequence[str], count: int, se
         raise ConfigError(f"impact_params given for {extra_params[0]!r}, which is not among the artifacts"
                           f"{did_you_mean(extra_params[0], artifacts)}; artifacts: {', '.join(artifacts)}")
     if save_pairs:
-        _check_pairs_folder(Path(save_pairs), Path(probe.root))
+        check_pairs_folder(Path(save_pairs), Path(probe.root))
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     was_training = model.training
@@ -797,7 +797,7 @@ def _examples(a, layers, acts_clean, acts_pasted, probe, rows, clean_v, pasted_v
     return out
 
 
-def _check_pairs_folder(folder: Path, images: Path) -> None:
+def check_pairs_folder(folder: Path, images: Path) -> None:
     """--save-pairs may replace an earlier pairs folder, never anything else, and never lies in the images."""
     f, root = folder.resolve(), images.resolve()
     if f == root or root in f.parents or f in root.parents:
@@ -814,7 +814,7 @@ def _save_pairs(folder: Path, probe, made: Mapping[str, Any]) -> None:
     """Write the pairs in the `auditor synth` layout (+ control images and a CSV), atomically."""
     import csv
 
-    _check_pairs_folder(folder, Path(probe.root))
+    check_pairs_folder(folder, Path(probe.root))
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.pairs-", dir=folder.parent))
     try:

@@ -97,6 +97,13 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     if not cfg.layer:
         raise ConfigError("no layer given: pass --layer NAME (list the names with `auditor layers MODEL`)")
     _check_paths(cfg)
+    if cfg.impact and cfg.artifacts:  # the impact stage's own inputs, checked before any work
+        from .impact import check_pairs_folder, read_class_names
+
+        if cfg.class_names:
+            read_class_names(cfg.class_names)
+        if cfg.save_pairs and cfg.images:
+            check_pairs_folder(Path(cfg.save_pairs), Path(cfg.images))
     warnings: list[str] = []
 
     t = time.perf_counter()

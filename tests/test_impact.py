@@ -573,3 +573,14 @@ def test_cuda_gives_the_hand_computed_flips(rg_probe):
     [gpu] = _run(probe, _layers(), ablation="zero", draws=2, device="cuda")
     assert gpu.n_flips == cpu.n_flips == 11 and gpu.flows == cpu.flows
     assert gpu.ablation["share_carried"] == cpu.ablation["share_carried"] == 1.0
+
+
+def test_bad_impact_inputs_are_exit_2_before_any_work(colour_args, tmp_path, capsys):
+    from auditor.cli import main
+
+    assert main(["run", *colour_args, "--class-names", str(tmp_path / "missing.txt")]) == 2
+    assert "class_names: cannot read" in capsys.readouterr().err
+    assert main(["run", *colour_args, "--impact-params", "{watermark: [1, 2"]) == 2
+    assert "impact_params" in capsys.readouterr().err
+    assert main(["run", *colour_args, "--fail-on-impact", "-0.1"]) == 2
+    assert not (tmp_path / "out").exists()
