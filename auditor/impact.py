@@ -401,11 +401,13 @@ class _Forward:
         self.shapes: dict[str, tuple[int, ...]] = {}
 
     def _ctx(self):
-        import torch
+        """The collection's numerics: TF32 on or off (CUDA) and bf16/fp16 autocast, as ``precision`` says."""
+        from .collect.device import autocast, numerics
 
-        if self.precision in ("bfloat16", "float16"):
-            return torch.autocast(device_type=self.dev.type, dtype=getattr(torch, self.precision))
-        return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(numerics(self.precision, self.dev))
+        stack.enter_context(autocast(self.precision, self.dev))
+        return stack
 
     def _tensor(self, arrs: Sequence[np.ndarray]):
         import torch
