@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,8 +219,8 @@ def test_hand_set_model_flips_exactly(rg_probe):
     assert expected == 11  # rows 0..22: colours 0,4,5 flip -> 4+4+3
     assert res.n_flips == expected and res.flip_rate == expected / 23
     assert res.control_flip_rate == 0.0  # a uniform image blurred is the same image
-    assert res.flows == [{"from": "greenish", "to": "reddish", "n": expected,
-                          "share": expected / sum(1 for r in rows if COLOURS[int(r) % 6][0][0] <= COLOURS[int(r) % 6][0][1])}]
+    n_green = sum(1 for r in rows if COLOURS[int(r) % 6][0][0] <= COLOURS[int(r) % 6][0][1])
+    assert res.flows == [{"from": "greenish", "to": "reddish", "n": expected, "share": expected / n_green}]
     assert res.clean_accuracy == 1.0 and res.n_labelled == 23
     assert res.class_names_source == "the model's class_names attribute"
     # Zeroing the red mean: logits depend on G alone (g > 0 everywhere -> greenish), nothing flips.
@@ -513,8 +512,6 @@ def test_fail_on_impact_exit_codes_and_junit(demo_audit, tmp_path):
 
 
 def test_report_page_one_and_junit_show_the_impact(rg_probe):
-    import xml.etree.ElementTree as ET
-
     from auditor.report import render_html
     from auditor.report.junit import junit_tree
 
