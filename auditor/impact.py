@@ -541,7 +541,8 @@ def run_impact(model, layers, *, probe, artifacts: Sequence[str], count: int, se
                precision: str = "float32", batch_size: int = 64, reduction: str = "mean", output: str = "auto",
                class_names: str | None = None, model_spec: str | None = None, model_kind: str | None = None,
                ablation: str = "mean", draws: int = 10, save_pairs: str | None = None, log: Log = lambda m: None,
-               warnings: list[str] | None = None, paired: dict[str, dict[str, Any]] | None = None):
+               warnings: list[str] | None = None, paired: dict[str, dict[str, Any]] | None = None,
+               cache_dir: str | os.PathLike | None = None, cache_id: Mapping[str, Any] | None = None):
     """The impact of every artifact with a generator; returns ``list[ArtifactImpact]``.
 
     ``layers`` are the audit's :class:`~auditor.results.LayerResult` (flags are read from
@@ -549,6 +550,11 @@ def run_impact(model, layers, *, probe, artifacts: Sequence[str], count: int, se
     any synthesis). ``geometry`` resizes/crops a PIL image; ``mean``/``std`` normalise.
     ``paired``, when given, receives ``{layer: {artifact: paired effects}}``: every neuron's
     paired change on the test pairs (:func:`auditor.paired.paired_effects`).
+
+    With ``cache_dir`` and ``cache_id`` (what identifies the model and its preprocessing;
+    the pipeline passes the weights' and architecture's hashes), each artifact's result is
+    kept in ``cache_dir/impact/<key>.json`` and reused when everything that changes it is
+    the same (:func:`_cache_key`); ``save_pairs`` always recomputes.
     """
     import torch
 
@@ -603,30 +609,97 @@ def run_impact(model, layers, *, probe, artifacts: Sequence[str], count: int, se
                 if len(rows) < count:
                     log(f"impact: {a} pasted on all {len(rows)} clean probe images (fewer than {count})")
                 p = dict(params.get(a, {}))
+                cache_file = None
+                if cache_dir is not None and cache_id is not None and not save_pairs:
+                    key = _cache_key(cache_id, probe, a, p, seed, count, dev.type, prec, batch_size, reduction,
+                                     output, class_names, model, ablation, draws, layers)
+                    cache_file = Path(cache_dir) / "impact" / f"{key}.json"
+                    hit = _cache_read(cache_file, paired)
+                    if hit is not None:
+                        results.append(hit)
+                        log(f"impact: {a} reused from the cache ({cache_file})")
+                        continue
                 clean_v, pasted_v, control_v, raw = _prepare(probe, rows, ARTIFACTS[a], p, seed, a, geometry)
                 X_clean, X_pasted, X_control = _u8(clean_v), _u8(pasted_v), _u8(control_v)
                 res, extra = _one_artifact(a, rows, probe, X_clean, X_pasted, X_control, clean_v, pasted_v, fwd,
                                            hooks, layers, output, class_names, model, model_spec, model_kind,
                                            ablation, draws, seed)
-                if paired is not None:
-                    from .paired import paired_effects
+                from .paired import paired_effects
 
-                    for name, (ac, ap) in extra.pop("acts").items():
-                        m = len(ac)
-                        pairs = np.stack([np.arange(m), np.arange(m, 2 * m)], axis=1)
-                        paired.setdefault(name, {})[a] = paired_effects(np.concatenate([ac, ap]), pairs)
+                effects = {}
+                for name, (ac, ap) in extra.pop("acts").items():
+                    m = len(ac)
+                    pairs = np.stack([np.arange(m), np.arange(m, 2 * m)], axis=1)
+                    effects[name] = paired_effects(np.concatenate([ac, ap]), pairs)
+                    if paired is not None:
+                        paired.setdefault(name, {})[a] = effects[name]
                 gen_info = {"name": a, "params": _plain(p), "seed": int(seed), "count": int(count),
                             "n_clean_available": int(clean_mask(probe).sum()),
                             "synth_command": _synth_command(a, p, count, seed)}
                 results.append(ArtifactImpact(artifact=a, generator=gen_info, n_images=int(len(rows)),
                                               seconds=round(time.perf_counter() - t0, 3), **res))
                 pairs_out[a] = (rows, raw, control_v, extra)
+                if cache_file is not None:
+                    _cache_write(cache_file, results[-1], effects)
                 log(f"impact: {a} tested on {len(rows)} image pairs in {results[-1].seconds:.1f}s")
         if save_pairs:
             _save_pairs(Path(save_pairs), probe, pairs_out)
     finally:
         model.train(was_training)
     return results
+
+
+IMPACT_CACHE_FORMAT = 1
+
+
+def _cache_key(cache_id, probe, a, p, seed, count, device_type, precision, batch_size, reduction, output,
+               class_names, model, ablation, draws, layers) -> str:
+    """Everything that changes one artifact's result: the model and preprocessing (``cache_id``), the
+    images and labels, the generator (its source code too), its parameters and seed, the numerics, the
+    flagged and unflagged neurons, the class names, this module's code and the package versions."""
+    import hashlib
+    from importlib import metadata
+
+    from .data import sha256_file
+    from .synth import _generator_fingerprint, _versions
+
+    src = {
+        "format": IMPACT_CACHE_FORMAT, "id": cache_id, "images": probe.image_fingerprint(),
+        "labels": probe.labels_fingerprint(), "artifact": a, "params": _plain(p), "seed": int(seed),
+        "count": int(count), "generator": _generator_fingerprint([a]), "device": device_type,
+        "precision": precision, "batch_size": int(batch_size), "reduction": reduction, "output": output,
+        "class_names": sha256_file(class_names) if class_names else getattr(model, "class_names", None),
+        "ablation": ablation, "draws": int(draws),
+        "layers": [(lyr.name, [(n.index, n.status, sorted({f.artifact for f in n.flags})) for n in lyr.neurons])
+                   for lyr in layers],
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "versions": _versions() | {"torch": metadata.version("torch")},
+    }
+    return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _cache_read(path: Path, paired: dict | None):
+    from .results import ArtifactImpact
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        result = ArtifactImpact.from_dict(data["impact"])
+        effects = {layer: {k: np.asarray(v) for k, v in e.items()} for layer, e in data["paired"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # missing or unreadable: compute again
+    if paired is not None:
+        for layer, e in effects.items():
+            paired.setdefault(layer, {})[result.artifact] = e
+    return result
+
+
+def _cache_write(path: Path, result, effects: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    from .collect.files import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"impact": result.to_dict(),
+            "paired": {layer: {k: np.asarray(v).tolist() for k, v in e.items()} for layer, e in effects.items()}}
+    atomic_write_text(path, json.dumps(data))
 
 
 def _plain(p: Mapping[str, Any]) -> dict[str, Any]:

@@ -199,7 +199,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     if cfg.impact and cfg.artifacts:
         t = time.perf_counter()
         paired: dict[str, dict] = {}
-        impacts = _impact(cfg, loaded, results, probe, keep_rows, pre, geometry, log, warnings, paired)
+        impacts = _impact(cfg, loaded, results, probe, keep_rows, pre, geometry, log, warnings, paired, model_hash)
         results = _with_impact_pairs(results, paired)
         timings["impact_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
@@ -246,7 +246,7 @@ def _with_impact_pairs(layers: list[LayerResult], paired: dict[str, dict]) -> li
 
 
 def _impact(cfg: AuditConfig, loaded, layers: list[LayerResult], probe, keep_rows, pre, geometry, log, warnings,
-            paired=None):
+            paired=None, model_hash: str = ""):
     """The impact stage (auditor.impact): paste each artifact on clean probe images, compare the outputs."""
     from .impact import run_impact
 
@@ -257,6 +257,10 @@ def _impact(cfg: AuditConfig, loaded, layers: list[LayerResult], probe, keep_row
                                      allow_no_concepts=True)
     else:
         clean_probe = probe.subset(keep_rows) if not keep_rows.all() else probe
+    from .collect import architecture_hash
+
+    cache_id = {"model": model_hash, "architecture": architecture_hash(loaded.module), "preprocessing": pre.plain(),
+                "normalize": cfg.normalize}
     seed = cfg.impact_seed if cfg.impact_seed is not None else (cfg.synth.seed if cfg.synth else cfg.seed)
     params = cfg.impact_params if cfg.impact_params is not None else (dict(cfg.synth.params) if cfg.synth else {})
     return run_impact(loaded.module, layers, probe=clean_probe, artifacts=list(cfg.artifacts),
@@ -266,7 +270,7 @@ def _impact(cfg: AuditConfig, loaded, layers: list[LayerResult], probe, keep_row
                       reduction=cfg.reduction, output=cfg.output, class_names=cfg.class_names,
                       model_spec=loaded.spec, model_kind=loaded.kind, ablation=cfg.ablation,
                       draws=cfg.ablation_draws, save_pairs=cfg.save_pairs, log=log, warnings=warnings,
-                      paired=paired)
+                      paired=paired, cache_dir=None if cfg.no_cache else cfg.cache_path, cache_id=cache_id)
 
 
 def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry):

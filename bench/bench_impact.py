@@ -5,7 +5,8 @@
 Runs the demo audit (`run_audit(demo_config(...))`, no report rendering) with the
 impact stage on and off, ``--repeats`` times each, alternating, after one warm-up run
 that fills the activation cache (so every timed run reads activations from the cache,
-as a re-run does). Prints per run the pipeline's own timings and the medians, plus
+as a re-run does); the impact cache is emptied before every run, so the stage is
+computed each time. Prints per run the pipeline's own timings and the medians, plus
 the machine's load. The budget (docs/impact.md): the impact stage adds under 30 s
 on a 2-core CPU.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         base = demo_config(out=str(Path(tmp) / "out"), device=args.device, cache_dir=str(Path(tmp) / "cache"))
 
         def run(impact: bool):
+            shutil.rmtree(Path(base.cache_path) / "impact", ignore_errors=True)  # time the work, not the cache
             cfg = make_config(base.plain() | {"impact": impact})
             t = time.perf_counter()
             result = run_audit(cfg, log=lambda m: None, progress=False)

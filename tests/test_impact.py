@@ -581,3 +581,28 @@ def test_bad_impact_inputs_are_exit_2_before_any_work(colour_args, tmp_path, cap
     assert "impact_params" in capsys.readouterr().err
     assert main(["run", *colour_args, "--fail-on-impact", "-0.1"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_results_are_cached_and_reused_only_when_nothing_changed(rg_probe, tmp_path, monkeypatch):
+    probe = load_probe_set(*rg_probe)
+    calls = []
+    real = imp._one_artifact
+    monkeypatch.setattr(imp, "_one_artifact", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cid = {"model": "hand-set", "preprocessing": None}
+
+    def run(**kw):
+        paired = {}
+        [res] = _run(probe, _layers(**kw.pop("layers", {})), cache_dir=tmp_path / "c", cache_id=cid, draws=2,
+                     paired=paired, **kw)
+        return res, paired
+
+    first, p1 = run()
+    second, p2 = run()
+    assert len(calls) == 1 and second == first
+    assert all(np.array_equal(p1["feat"]["border"][k], p2["feat"]["border"][k]) for k in p1["feat"]["border"])
+    run(seed=4)  # another seed: other images
+    run(layers={"flagged": (1,)})  # another flagged neuron: another ablation
+    run(params={"border": {"width": 0.2, "color": list(RED)}})
+    assert len(calls) == 4
+    _run(probe, _layers(), cache_dir=tmp_path / "c", cache_id=cid, draws=2, save_pairs=str(tmp_path / "p"))
+    assert len(calls) == 5  # --save-pairs needs the images: always computed
