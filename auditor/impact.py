@@ -269,7 +269,7 @@ def summary_sentence(artifact: str, kind: str, flip: float | None, control: floa
               f"{_pct(ablation['share_carried'])} of the flips")
         r = ablation.get("random") or {}
         if r.get("share_mean") is not None:
-            s += f" ({n} random: {_pct(r['share_mean'])})"
+            s += f" ({n} random unflagged neurons: {_pct(r['share_mean'])} on average)"
     return s + "."
 
 
