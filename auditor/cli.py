@@ -52,6 +52,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         "flag_max_p": "flagging", "flag_min_auroc": "flagging", "artifact_auroc": "flagging",
         "flag_margin": "flagging", "fail_on_flag": "flagging",
         "flag_partial_auroc": "flagging", "flag_min_support": "flagging",
+        "impact": "impact on the outputs", "impact_count": "impact on the outputs",
+        "impact_seed": "impact on the outputs", "impact_params": "impact on the outputs",
+        "output": "impact on the outputs", "class_names": "impact on the outputs",
+        "ablation": "impact on the outputs", "ablation_draws": "impact on the outputs",
+        "fail_on_impact": "impact on the outputs", "save_pairs": "impact on the outputs",
     }
     for name, info in FIELDS.items():
         if name in skip:
@@ -100,7 +105,15 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
 
 # -- commands ------------------------------------------------------------------------
 
-def _finish(result, written: dict[str, Path], fail_on_flag: bool) -> int:
+def impact_exceeded(result, threshold: float | None) -> list[str]:
+    """Artifacts whose flip rate is above ``threshold`` (the --fail-on-impact gate)."""
+    if threshold is None:
+        return []
+    return [imp.artifact for imp in getattr(result, "impact", []) or []
+            if imp.flip_rate is not None and imp.flip_rate > threshold]
+
+
+def _finish(result, written: dict[str, Path], fail_on_flag: bool, fail_on_impact: float | None = None) -> int:
     summary = result.summary()
     for art, info in summary.items():
         flagged = [f"{layer}#{idx}" for layer, idx in info["flagged"]]
@@ -108,12 +121,17 @@ def _finish(result, written: dict[str, Path], fail_on_flag: bool) -> int:
         verdict = f"{len(flagged)} neuron(s) flagged" + (f" ({', '.join(flagged[:8])}{' …' if len(flagged) > 8 else ''})"
                                                          if flagged else "")
         _info(f"{art}: {verdict}; {sens} artifact-sensitive")
+    for imp in getattr(result, "impact", []) or []:
+        _info(f"impact: {imp.summary}")
     if "html" in written:
         _info(f"report: {written['html']}")
     for fmt, path in written.items():
         if fmt != "html":
             _info(f"{fmt}: {path}")
-    if fail_on_flag and result.n_flagged:
+    exceeded = impact_exceeded(result, fail_on_impact)
+    if exceeded:
+        _info(f"flip rate above --fail-on-impact {fail_on_impact:g} for: {', '.join(exceeded)}")
+    if (fail_on_flag and result.n_flagged) or exceeded:
         return EXIT_FLAGGED
     return EXIT_OK
 
@@ -128,7 +146,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if result is None:  # worker rank of a torchrun launch: rank 0 writes the report
         return EXIT_OK
     written = result.save(cfg.out, formats=cfg.formats)
-    return _finish(result, written, cfg.fail_on_flag)
+    return _finish(result, written, cfg.fail_on_flag, cfg.fail_on_impact)
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
@@ -189,8 +207,13 @@ def cmd_render(ns: argparse.Namespace) -> int:
 def cmd_synth(ns: argparse.Namespace) -> int:
     from .synth import parse_params, synthesise
 
+    from .errors import ConfigError
+
+    if ns.count is not None and ns.fraction is not None:
+        raise ConfigError("give --count or --fraction, not both (--count M pastes each artifact on M clean images)")
     made = synthesise(ns.images, ns.labels, ns.out, artifacts=[a.strip() for a in ns.artifacts.split(",") if a.strip()],
-                      fraction=ns.fraction, seed=ns.seed, params=parse_params(ns.param),
+                      fraction=ns.fraction if ns.fraction is not None else "0.5", count=ns.count,
+                      seed=ns.seed, params=parse_params(ns.param),
                       labels_format=ns.labels_format, plugins=ns.plugin, overwrite=ns.overwrite,
                       link_clean=ns.link_clean, log=_info, progress=not ns.quiet)
     _info(f"labels: {made.labels}")
@@ -351,8 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (not inside --images)")
     p.add_argument("--artifacts", required=True,
                    help=f"generators, comma-separated (registered: {', '.join(available_artifacts())})")
-    p.add_argument("--fraction", default="0.5", help="fraction of the clean images that get each artifact, or per "
+    p.add_argument("--fraction", default=None, help="fraction of the clean images that get each artifact, or per "
                    "artifact: watermark=0.5,text=0.2 (default 0.5)")
+    p.add_argument("--count", type=int, default=None, metavar="M",
+                   help="instead of --fraction: paste each artifact on M images that carry no artifact concept "
+                        "(all of them if fewer) — the images `auditor run`'s impact test uses with the same "
+                        "--seed and parameters")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--param", action="append", default=[], metavar="ARTIFACT.NAME=VALUE",
                    help="generator parameter, repeatable, value as YAML: watermark.opacity=0.5, "

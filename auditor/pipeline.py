@@ -196,6 +196,13 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
     if not cfg.layer:
         raise ConfigError("no layer given: pass --layer NAME (list the names with `auditor layers MODEL`)")
     _check_paths(cfg)
+    if cfg.impact and cfg.artifacts:  # the impact stage's own inputs, checked before any work
+        from .impact import check_pairs_folder, read_class_names
+
+        if cfg.class_names:
+            read_class_names(cfg.class_names)
+        if cfg.save_pairs and cfg.images:
+            check_pairs_folder(Path(cfg.save_pairs), Path(cfg.images))
     warnings: list[str] = []
 
     t = time.perf_counter()
@@ -288,6 +295,13 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
         results.append(LayerResult(name=name, output_shape=list(layer_acts.output_shape),
                                    reduction=getattr(layer_acts, "reduction", None) or cfg.reduction,
                                    neurons=neurons))
+    impacts = []
+    if cfg.impact and cfg.artifacts:
+        t = time.perf_counter()
+        paired: dict[str, dict] = {}
+        impacts = _impact(cfg, loaded, results, probe, keep_rows, pre, geometry, log, warnings, paired, model_hash)
+        results = _with_impact_pairs(results, paired)
+        timings["impact_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
 
     provenance: dict[str, Any] = {
@@ -316,7 +330,57 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
     return AuditResult(schema_version=SCHEMA_VERSION, tool={"name": "auditor", "version": __version__},
                        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                        title=title, config=cfg.plain(), provenance=provenance, thresholds=thresholds.plain(),
-                       concepts=concepts, artifacts=list(cfg.artifacts), layers=results, warnings=warnings)
+                       concepts=concepts, artifacts=list(cfg.artifacts), layers=results, warnings=warnings,
+                       impact=impacts)
+
+
+def _with_impact_pairs(layers: list[LayerResult], paired: dict[str, dict]) -> list[LayerResult]:
+    """Every neuron's paired change on the impact test's pairs, where --synth did not measure one."""
+    from .paired import neuron_paired
+
+    out = []
+    for lyr in layers:
+        eff = paired.get(lyr.name)
+        if eff:
+            lyr = _replace(lyr, neurons=[_replace(n, paired={**neuron_paired(eff, n.index), **n.paired})
+                                         for n in lyr.neurons])
+        out.append(lyr)
+    return out
+
+
+def _impact(cfg: AuditConfig, loaded, layers: list[LayerResult], probe, keep_rows, pre, geometry, log, warnings,
+            paired=None, model_hash: str = ""):
+    """The impact stage (auditor.impact): paste each artifact on clean probe images, compare the outputs."""
+    from .impact import run_impact
+
+    if cfg.synth:  # the user's own images, before synthesis: what `auditor synth --count` reads
+        from .data import load_probe_set
+
+        clean_probe = load_probe_set(cfg.images, cfg.labels, labels_format=cfg.labels_format,
+                                     allow_no_concepts=True)
+    else:
+        clean_probe = probe.subset(keep_rows) if not keep_rows.all() else probe
+    from .artifacts import ARTIFACTS
+
+    if hasattr(clean_probe, "load") and any(a in ARTIFACTS for a in cfg.artifacts):
+        # images held in memory (auditor.audit with a Dataset): no file to paste on
+        warnings.append("impact test skipped: it pastes artifacts on image files, and these probe images are "
+                        "held in memory (pass an image folder to measure the impact)")
+        return []
+    from .collect import architecture_hash
+
+    cache_id = {"model": model_hash, "architecture": architecture_hash(loaded.module), "preprocessing": pre.plain(),
+                "normalize": cfg.normalize}
+    seed = cfg.impact_seed if cfg.impact_seed is not None else (cfg.synth.seed if cfg.synth else cfg.seed)
+    params = cfg.impact_params if cfg.impact_params is not None else (dict(cfg.synth.params) if cfg.synth else {})
+    return run_impact(loaded.module, layers, probe=clean_probe, artifacts=list(cfg.artifacts),
+                      count=cfg.impact_count, seed=seed, params=params, geometry=geometry,
+                      mean=pre.mean if cfg.normalize else None, std=pre.std if cfg.normalize else None,
+                      device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,
+                      reduction=cfg.reduction, output=cfg.output, class_names=cfg.class_names,
+                      model_spec=loaded.spec, model_kind=loaded.kind, ablation=cfg.ablation,
+                      draws=cfg.ablation_draws, save_pairs=cfg.save_pairs, log=log, warnings=warnings,
+                      paired=paired, cache_dir=None if cfg.no_cache else cfg.cache_path, cache_id=cache_id)
 
 
 def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry):

@@ -279,6 +279,43 @@ class Concept(_Record):
 
 
 @dataclass(frozen=True)
+class ArtifactImpact(_Record):
+    """What pasting one artifact on clean probe images does to the model's outputs (auditor.impact).
+
+    Class outputs fill the flip rates, flows and score changes; embedding outputs
+    ``output_change`` (cosine distance per head). All shares are fractions in [0, 1].
+    """
+
+    artifact: str
+    flip_rate: float | None  # share of pasted images whose top-1 class changed (None: not class outputs)
+    control_flip_rate: float | None  # the same for the occlusion control patch
+    summary: str  # one sentence for page 1
+    ablation: dict[str, Any] | None = None  # flagged-neuron ablation: share_carried, random draws, accuracy cost
+    generator: dict[str, Any] = field(default_factory=dict)  # name, params, seed, count, synth_command
+    n_images: int = 0  # M: images the artifact was pasted on
+    output_kind: str = "classes"  # "classes" | "embedding"
+    class_head: str | None = None
+    n_flips: int | None = None
+    n_control_flips: int | None = None
+    flip_ci: list[float] | None = None  # Wilson 95% interval
+    control_ci: list[float] | None = None
+    flows: list[dict[str, Any]] = field(default_factory=list)  # {"from", "to", "n", "share"}
+    control_flows: list[dict[str, Any]] = field(default_factory=list)
+    towards: list[dict[str, Any]] = field(default_factory=list)  # per class: share of other images that become it
+    score_kind: str | None = None
+    score_change: list[dict[str, Any]] = field(default_factory=list)  # per class: mean, ci, p_wilcoxon
+    output_change: dict[str, Any] | None = None  # per head: mean_cosine_distance, ci, median
+    control_output_change: dict[str, Any] | None = None
+    class_names_source: str | None = None
+    n_classes: int | None = None
+    clean_accuracy: float | None = None  # on the test images whose labels name a class
+    pasted_accuracy: float | None = None
+    n_labelled: int = 0
+    examples: list[dict[str, Any]] = field(default_factory=list)  # flagged neurons: clean/pasted pairs
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class AuditResult(_Record):
     schema_version: str
     tool: dict[str, str]  # name, version
@@ -291,6 +328,7 @@ class AuditResult(_Record):
     artifacts: list[str]
     layers: list[LayerResult]
     warnings: list[str] = field(default_factory=list)
+    impact: list[ArtifactImpact] = field(default_factory=list)  # auditor.impact, one per tested artifact
 
     # -- convenience -------------------------------------------------------
     def flagged_neurons(self, layer: LayerResult | None = None) -> list[NeuronResult]:
