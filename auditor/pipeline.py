@@ -4,7 +4,8 @@ config ─► model + layer ─► activations ─► INVERT ─► flags ─►
                 probe set (images, concept labels) ─┘
 
 Writing is separate (:func:`write_outputs`): every output is rendered into a
-staging folder next to ``--out`` and moved into place only when all succeeded.
+fresh folder inside ``--out`` and switched into place at once when all succeeded
+(:mod:`auditor.outdir`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
+import warnings as _pywarnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .columns import ColumnBlocks, compact_rows
-from .errors import ConfigError, DataError
+from .errors import AuditorWarning, ConfigError, DataError, ReportError, did_you_mean
 from .flags import PartEvidence, Thresholds, flag_neuron
 from .results import (SCHEMA_VERSION, AuditResult, Concept, Distribution, Explanation, LayerResult,
                       NeuronResult, TopImage)
@@ -65,7 +66,77 @@ def resolve_preprocessing(cfg: AuditConfig, default):
         source += "; normalisation off"
     return Preprocessing(resize=cfg.resize if cfg.resize is not None else default.resize,
                          crop=cfg.crop if cfg.crop is not None else default.crop,
-                         mean=mean, std=std, source=source)
+                         mean=mean, std=std, source=source,
+                         interpolation=getattr(default, "interpolation", "bilinear"))
+
+
+UPSCALE_SAMPLE = 2000  # images whose size is read (evenly spaced) to tell whether preprocessing enlarges them
+
+
+def preprocessing_notes(cfg: AuditConfig, pre, default, probe) -> tuple[list[str], dict[str, Any]]:
+    """Preprocessing decisions the user did not state, as sentences, and what was found in the images.
+
+    Normalisation assumed (from the model's defaults) or off (a model that declares
+    none, with no --mean/--std); resize and crop taken from the model's defaults;
+    probe images smaller than the model input, which the transform enlarges (or a
+    crop pads).
+    """
+    notes: list[str] = []
+    normalisation_given = cfg.mean is not None or cfg.std is not None or not cfg.normalize
+    if not normalisation_given:
+        if pre.mean is None:
+            notes.append(f"no normalisation: neither --mean/--std nor the model ({default.source}) gives one, so "
+                         "images reach the model as plain [0, 1] RGB; pass --mean/--std (ImageNet: "
+                         "0.485,0.456,0.406 / 0.229,0.224,0.225) if it was trained on normalised images, or "
+                         "--no-normalize to confirm [0, 1]")
+        else:
+            notes.append(f"normalisation assumed from {default.source}: mean {list(pre.mean)}, std {list(pre.std)}; "
+                         "pass --mean/--std or --no-normalize to change it")
+    if cfg.resize is None and cfg.crop is None and (pre.resize or pre.crop):
+        steps = " and ".join(s for s in (f"resize {pre.resize}" if pre.resize else "",
+                                         f"centre crop {pre.crop}" if pre.crop else "") if s)
+        notes.append(f"{steps} assumed from {default.source}; pass --resize/--crop to change them")
+    found: dict[str, Any] = {}
+    target = pre.resize or pre.crop
+    if target and len(probe):
+        n = len(probe)
+        in_memory = hasattr(probe, "load")  # a Dataset's items may be costly: look at fewer
+        rows = sorted({int(i) for i in np.linspace(0, n - 1, min(n, 64 if in_memory else UPSCALE_SAMPLE))})
+        small, sizes = 0, []
+        for i in rows:
+            side = _shorter_side(probe, i)
+            if side is None:  # unreadable images are reported by the collection
+                continue
+            sizes.append(side)
+            small += side < target
+        if small:
+            how = f"resized up to {pre.resize} px (shorter side)" if pre.resize else \
+                f"padded to the {pre.crop} px centre crop"
+            where = "of the probe images" if len(rows) == n else f"of {len(rows)} probe images sampled"
+            notes.append(f"{small} {where} are smaller than the model input (shortest side {min(sizes)} px) and are "
+                         f"{how}; small artifacts are blurred by upscaling: probe at the model's input size, or "
+                         "pass --resize/--crop to choose")
+        found = {"images_checked": len(rows), "images_enlarged": int(small), "smallest_side": min(sizes) if sizes
+                 else None}
+    return notes, found
+
+
+def _shorter_side(probe, i: int) -> int | None:
+    """The shorter side in pixels of probe image ``i`` (a file's header, or an in-memory image), or None."""
+    try:
+        if hasattr(probe, "load"):
+            x = probe.load(i)
+            if hasattr(x, "size") and not callable(x.size):  # PIL
+                return int(min(x.size))
+            shape = tuple(x.shape)
+            hw = shape[-2:] if len(shape) == 3 and shape[0] in (1, 3, 4) else shape[:2]
+            return int(min(hw))
+        from PIL import Image
+
+        with Image.open(probe.full_path(i)) as im:
+            return int(min(im.size))
+    except Exception:
+        return None
 
 
 def _check_paths(cfg: AuditConfig) -> None:
@@ -78,31 +149,11 @@ def _check_paths(cfg: AuditConfig) -> None:
         raise ConfigError(f"--out {cfg.out} exists and is not a folder")
 
 
-def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) -> AuditResult | None:
-    """Audit the layers of one model on one probe set; return the result (writes nothing but the cache).
+def load_probe(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) -> tuple[Any, dict | None]:
+    """The probe set of ``cfg`` (synthesising artifact copies first when ``synth`` asks), and the
+    synth record for the provenance (None without synth). ``auditor watch`` loads it once."""
+    from .data import load_probe_set
 
-    Returns None on the worker ranks of a distributed (torchrun) run: they only
-    collect their shard of the activations; rank 0 explains and reports.
-    """
-    import torch
-
-    from . import invert
-    from .collect import build_transform, collect, state_hash
-    from .data import check_artifacts, load_probe_set
-    from .models import load_model, resolve_layer
-    from .paired import neuron_paired
-
-    t_all = time.perf_counter()
-    timings: dict[str, float] = {}
-    if not cfg.model:
-        raise ConfigError("no model given: pass --model (a torchvision name, package.module:callable, "
-                          "file.py:callable or a TorchScript file)")
-    if not cfg.layer:
-        raise ConfigError("no layer given: pass --layer NAME (list the names with `auditor layers MODEL`)")
-    _check_paths(cfg)
-    warnings: list[str] = []
-
-    t = time.perf_counter()
     images, labels, fmt = cfg.images, cfg.labels, cfg.labels_format
     synth_info = None
     if cfg.synth:
@@ -117,34 +168,86 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
         images, labels, fmt = made.images, made.labels, "long"
         synth_info = {"dir": str(made.out), "counts": made.n_synth, "reused": made.reused} \
             | cfg.synth.model_dump(mode="json")
-    probe = load_probe_set(images, labels, labels_format=fmt, hierarchy=cfg.hierarchy)
+    return load_probe_set(images, labels, labels_format=fmt, hierarchy=cfg.hierarchy), synth_info
+
+
+def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, model: Any = None,
+              probe: Any = None, synth_info: dict | None = None) -> AuditResult | None:
+    """Audit the layers of one model on one probe set; return the result (writes nothing but the cache).
+
+    ``model`` (a :class:`~auditor.models.LoadedModel`) replaces loading ``cfg.model``
+    and ``cfg.weights``; ``probe`` (a :class:`~auditor.data.ProbeSet`, possibly one
+    whose images live in memory) replaces loading ``cfg.images``/``cfg.labels``.
+    The Python API (:mod:`auditor.api`) and ``auditor watch`` pass them.
+
+    Returns None on the worker ranks of a distributed (torchrun) run: they only
+    collect their shard of the activations; rank 0 explains and reports.
+    """
+    import torch
+
+    from . import invert
+    from .collect import build_transform, collect, state_hash
+    from .data import check_artifacts
+    from .models import load_model, resolve_layer
+    from .paired import neuron_paired
+
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    if not cfg.model and model is None:
+        raise ConfigError("no model given: pass --model (a torchvision name, package.module:callable, "
+                          "file.py:callable or a TorchScript file)")
+    if not cfg.layer:
+        raise ConfigError("no layer given: pass --layer NAME (list the names with `auditor layers MODEL`)")
+    _check_paths(cfg)
+    if cfg.impact and cfg.artifacts:  # the impact stage's own inputs, checked before any work
+        from .impact import check_pairs_folder, read_class_names
+
+        if cfg.class_names:
+            read_class_names(cfg.class_names)
+        if cfg.save_pairs and cfg.images:
+            check_pairs_folder(Path(cfg.save_pairs), Path(cfg.images))
+    warnings: list[str] = []
+
+    t = time.perf_counter()
+    if probe is None:
+        probe, synth_info = load_probe(cfg, log=log, progress=progress)
     check_artifacts(probe, cfg.artifacts)
     warnings.extend(probe.warnings)
     timings["load_data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    loaded = load_model(cfg.model, cfg.weights)
+    loaded = model if model is not None else load_model(cfg.model, cfg.weights)
     if loaded.info.get("warning"):
         warnings.append(loaded.info["warning"])
     layers = cfg.layers
     for name in layers:
         resolve_layer(loaded.module, name)
     pre = resolve_preprocessing(cfg, loaded.default_preprocessing)
+    pre_notes, pre_found = preprocessing_notes(cfg, pre, loaded.default_preprocessing, probe)
+    for note in pre_notes:
+        log(f"warning: {note}")
+    warnings.extend(pre_notes)
     geometry, transform = build_transform(pre, cfg.normalize)
+    if hasattr(probe, "input_transform"):  # images held in memory (auditor.audit with a Dataset)
+        transform = probe.input_transform(transform)
     model_hash = state_hash(loaded.module)  # what the cache key needs: the weights actually loaded
     timings["load_model_s"] = time.perf_counter() - t
 
-    collected = collect(loaded.module, layers, probe, transform=transform, transform_desc=pre.plain(),
-                        model_hash=f"{type(loaded.module).__name__}|{model_hash}",
-                        reduction=cfg.reduction, batch_size=cfg.batch_size, workers=cfg.workers,
-                        device=cfg.device, top_k=cfg.top_k, cache_dir=None if cfg.no_cache else cfg.cache_path,
-                        on_bad_image=cfg.on_bad_image, log=log, progress=progress, precision=cfg.precision,
-                        channels_last=cfg.channels_last, compile=cfg.compile, pin_memory=cfg.pin_memory,
-                        prefetch_factor=cfg.prefetch_factor, decode=cfg.decode, preprocessing=pre,
-                        normalize=cfg.normalize, fingerprint=cfg.fingerprint, chunk_size=cfg.chunk_size)
+    with _pywarnings.catch_warnings():  # collect's warnings reach the log and the results: not twice
+        _pywarnings.simplefilter("ignore", AuditorWarning)
+        collected = collect(loaded.module, layers, probe, transform=transform, transform_desc=pre.plain(),
+                            model_hash=f"{type(loaded.module).__name__}|{model_hash}",
+                            reduction=cfg.reduction, batch_size=cfg.batch_size, workers=cfg.workers,
+                            device=cfg.device, top_k=cfg.top_k, cache_dir=None if cfg.no_cache else cfg.cache_path,
+                            on_bad_image=cfg.on_bad_image, log=log, progress=progress, precision=cfg.precision,
+                            channels_last=cfg.channels_last, compile=cfg.compile, pin_memory=cfg.pin_memory,
+                            prefetch_factor=cfg.prefetch_factor, decode=cfg.decode, preprocessing=pre,
+                            normalize=cfg.normalize, fingerprint=cfg.fingerprint, chunk_size=cfg.chunk_size,
+                            token_layout=cfg.token_layout)
     if collected is None:  # a worker rank of a distributed run: rank 0 explains and reports
         return None
     timings["activations_s"] = collected.seconds
+    warnings.extend(collected.warnings)
     if collected.bad:
         warnings.append(f"{len(collected.bad)} unreadable image(s) skipped: "
                         + ", ".join(p for p, _ in collected.bad[:10]) + (" …" if len(collected.bad) > 10 else ""))
@@ -163,6 +266,10 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     Yu = Y[:, usable]
     Y_art = used.dense_columns(list(cfg.artifacts)) if cfg.artifacts else np.zeros((N, 0), dtype=bool)
     thresholds = thresholds_of(cfg)
+    for msg in small_probe_warnings(N, {a: int(Y_art[:, i].sum()) for i, a in enumerate(cfg.artifacts)},
+                                    thresholds, cfg.max_fraction):
+        log(f"warning: {msg}")
+        warnings.append(msg)
 
     results: list[LayerResult] = []
     timings["explain_s"] = timings["evidence_s"] = 0.0
@@ -193,12 +300,22 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
         results.append(LayerResult(name=name, output_shape=list(layer_acts.output_shape),
                                    reduction=getattr(layer_acts, "reduction", None) or cfg.reduction,
                                    neurons=neurons))
+    impacts = []
+    if cfg.impact and cfg.artifacts:
+        t = time.perf_counter()
+        paired: dict[str, dict] = {}
+        impacts = _impact(cfg, loaded, results, probe, keep_rows, pre, geometry, log, warnings, paired, model_hash)
+        results = _with_impact_pairs(results, paired)
+        timings["impact_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
 
     provenance: dict[str, Any] = {
         "model": loaded.provenance(),
         "layers": layers,
-        "preprocessing": pre.plain(),
+        # how each layer was captured: output kind, where it held the batch, how often its module runs
+        "capture": {name: {"kind": la.kind, "layout": la.layout, "module_calls": la.calls}
+                    for name, la in collected.layers.items()},
+        "preprocessing": pre.plain() | {"notes": pre_notes, **pre_found},
         # The collection already fingerprinted every image: reuse it instead of a second stat per image.
         "data": probe.provenance(collected.cache.get("images_fingerprint")) | {
                                       "n_used": int(N), "n_unreadable": len(collected.bad),
@@ -218,7 +335,57 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     return AuditResult(schema_version=SCHEMA_VERSION, tool={"name": "auditor", "version": __version__},
                        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                        title=title, config=cfg.plain(), provenance=provenance, thresholds=thresholds.plain(),
-                       concepts=concepts, artifacts=list(cfg.artifacts), layers=results, warnings=warnings)
+                       concepts=concepts, artifacts=list(cfg.artifacts), layers=results, warnings=warnings,
+                       impact=impacts)
+
+
+def _with_impact_pairs(layers: list[LayerResult], paired: dict[str, dict]) -> list[LayerResult]:
+    """Every neuron's paired change on the impact test's pairs, where --synth did not measure one."""
+    from .paired import neuron_paired
+
+    out = []
+    for lyr in layers:
+        eff = paired.get(lyr.name)
+        if eff:
+            lyr = _replace(lyr, neurons=[_replace(n, paired={**neuron_paired(eff, n.index), **n.paired})
+                                         for n in lyr.neurons])
+        out.append(lyr)
+    return out
+
+
+def _impact(cfg: AuditConfig, loaded, layers: list[LayerResult], probe, keep_rows, pre, geometry, log, warnings,
+            paired=None, model_hash: str = ""):
+    """The impact stage (auditor.impact): paste each artifact on clean probe images, compare the outputs."""
+    from .impact import run_impact
+
+    if cfg.synth:  # the user's own images, before synthesis: what `auditor synth --count` reads
+        from .data import load_probe_set
+
+        clean_probe = load_probe_set(cfg.images, cfg.labels, labels_format=cfg.labels_format,
+                                     allow_no_concepts=True)
+    else:
+        clean_probe = probe.subset(keep_rows) if not keep_rows.all() else probe
+    from .artifacts import ARTIFACTS
+
+    if hasattr(clean_probe, "load") and any(a in ARTIFACTS for a in cfg.artifacts):
+        # images held in memory (auditor.audit with a Dataset): no file to paste on
+        warnings.append("impact test skipped: it pastes artifacts on image files, and these probe images are "
+                        "held in memory (pass an image folder to measure the impact)")
+        return []
+    from .collect import architecture_hash
+
+    cache_id = {"model": model_hash, "architecture": architecture_hash(loaded.module), "preprocessing": pre.plain(),
+                "normalize": cfg.normalize}
+    seed = cfg.impact_seed if cfg.impact_seed is not None else (cfg.synth.seed if cfg.synth else cfg.seed)
+    params = cfg.impact_params if cfg.impact_params is not None else (dict(cfg.synth.params) if cfg.synth else {})
+    return run_impact(loaded.module, layers, probe=clean_probe, artifacts=list(cfg.artifacts),
+                      count=cfg.impact_count, seed=seed, params=params, geometry=geometry,
+                      mean=pre.mean if cfg.normalize else None, std=pre.std if cfg.normalize else None,
+                      device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,
+                      reduction=cfg.reduction, output=cfg.output, class_names=cfg.class_names,
+                      model_spec=loaded.spec, model_kind=loaded.kind, ablation=cfg.ablation,
+                      draws=cfg.ablation_draws, save_pairs=cfg.save_pairs, log=log, warnings=warnings,
+                      paired=paired, cache_dir=None if cfg.no_cache else cfg.cache_path, cache_id=cache_id)
 
 
 def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry):
@@ -262,6 +429,44 @@ def _paired_in_blocks(A, pairs, artifacts, clean_rows):
              for _, block in ColumnBlocks(A).blocks()]
     return {art: {key: np.concatenate([p[art][key] for p in parts]) for key in parts[0][art]}
             for art in parts[0]}
+
+
+def best_possible_p(n_pos: int, n: int) -> float:
+    """The smallest two-sided Mann-Whitney p-value any neuron can reach for a split of ``n``
+    images into ``n_pos`` and ``n - n_pos``: the one of a perfect separation."""
+    from . import invert
+
+    if not 0 < n_pos < n:
+        return 1.0
+    y = np.zeros(n, dtype=bool)
+    y[n - n_pos:] = True  # the n_pos highest activations, no ties
+    return invert.mannwhitney(np.arange(n, dtype=np.float64), y, "two-sided")[0]
+
+
+def small_probe_warnings(n: int, artifact_counts: dict[str, int], thresholds: Thresholds,
+                         max_fraction: float = 0.5) -> list[str]:
+    """Say so when the probe set is too small for any finding to be evidence.
+
+    A neuron is flagged only at p <= ``flag_max_p``; with few images even a perfect
+    separation cannot get there (2 images: p = 1). Findings then come from chance
+    alone, so the run says so instead of reporting them silently.
+    """
+    out: list[str] = []
+    alpha = thresholds.flag_max_p
+    best_any = best_possible_p(max(1, min(n // 2, int(max_fraction * n) or 1)), n)
+    if best_any > alpha or n < thresholds.flag_min_support:
+        out.append(f"probe set too small for any finding: with {n} usable image(s) the smallest p-value any "
+                   f"formula can reach is {best_any:.3g} (flag_max_p {alpha:g}) and a flag needs "
+                   f"{thresholds.flag_min_support} images in support; no flag can be raised, and any "
+                   "artifact-sensitive mark is chance — use a larger probe set (hundreds of images)")
+        return out
+    for art, k in artifact_counts.items():
+        p = best_possible_p(k, n)
+        if p > alpha:
+            out.append(f"artifact {art!r} is on {k} of {n} image(s): even a neuron that separates them perfectly "
+                       f"gets p = {p:.3g} > flag_max_p {alpha:g}, so no neuron can be flagged for it — label "
+                       "more images with and without it")
+    return out
 
 
 def thresholds_of(cfg: AuditConfig) -> Thresholds:
@@ -372,7 +577,10 @@ def _top_images(k, layer_acts, probe, row_of, artifacts, geometry, views_fn, thu
         maps = {int(r): layer_acts.top_maps[j, k].astype(np.float32)
                 for j, r in enumerate(layer_acts.top_index[:, k])}
     vmax = max((float(m.max()) for m in maps.values()), default=0.0) if maps else 0.0
-    views = views_fn([probe.full_path(r) for r in rows], geometry)
+    if hasattr(probe, "views"):  # images in memory (a torch Dataset given to auditor.audit)
+        views = probe.views(rows, geometry)
+    else:
+        views = views_fn([probe.full_path(r) for r in rows], geometry)
     out = []
     for r, view in zip(rows, views):
         present = probe.row_concepts(r)
@@ -388,27 +596,19 @@ def _top_images(k, layer_acts, probe, row_of, artifacts, geometry, views_fn, thu
 # -- writing ------------------------------------------------------------------------------
 
 def write_outputs(result: AuditResult, out: str | os.PathLike,
-                  formats: tuple[str, ...] = ("html", "pdf", "json", "csv", "junit")) -> dict[str, Path]:
-    """Render every format into a staging folder, then move the files into ``out``.
+                  formats: tuple[str, ...] = ("html", "pdf", "json", "csv", "junit"),
+                  log: Log = _stderr) -> dict[str, Path]:
+    """Render every format into a fresh run folder inside ``out``, then switch ``out`` to it at once.
 
-    If anything fails, ``out`` is left exactly as it was.
+    ``out`` then holds exactly this run's outputs (an earlier run's other formats are
+    gone); if anything fails, ``out`` is left exactly as it was. See :mod:`auditor.outdir`
+    for the steps and what a kill between them leaves.
     """
-    from .report import render
+    from .outdir import publish
+    from .report import FORMATS, render
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=parent))
-    try:
-        written = render(result, staging, formats=formats)
-        out.mkdir(exist_ok=True)
-        final: dict[str, Path] = {}
-        for fmt, path in written.items():
-            target = out / path.name
-            os.replace(path, target)
-            final[fmt] = target
-        return final
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ReportError(f"unknown report format {unknown[0]!r}{did_you_mean(unknown[0], FORMATS)}; "
+                          f"expected some of: {', '.join(FORMATS)}")
+    return publish(out, lambda folder: render(result, folder, formats=formats), log=log)
