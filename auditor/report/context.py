@@ -26,6 +26,8 @@ MAX_TOP_IMAGES = 12
 # Per layer: artifact-sensitive (unflagged) neurons listed with a few images, and the
 # strongest unflagged neurons shown as reference cards.
 MAX_SENSITIVE_ROWS = 60
+# Per layer: near misses and inconclusive tests listed with their failed condition (rule 2.x).
+MAX_VERDICT_ROWS = 60
 SENSITIVE_IMAGES = 4
 N_REFERENCE = 3
 
@@ -281,13 +283,18 @@ class _Builder:
                     hits.extend((lyr, n, f) for f in n.flags if f.artifact == art)
                     if art in n.sensitive:
                         sensitive.append((lyr.name, n.index))
+            near = [(lyr.name, n.index) for lyr in self.result.layers for n in lyr.neurons
+                    if (t := n.test(art)) is not None and t.status == "near_miss"]
+            inconclusive = [(lyr.name, n.index) for lyr in self.result.layers for n in lyr.neurons
+                            if (t := n.test(art)) is not None and t.status == "inconclusive"]
             by_rule: dict[str, int] = {}
             for _, _, f in hits:
                 by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
             strongest = None
             if hits:
                 # Strongest: the artifact alone predicts the neuron best, then the formula's AUROC.
-                lyr, n, f = max(hits, key=lambda h: (h[2].artifact_auroc if _finite(h[2].artifact_auroc) else -1,
+                lyr, n, f = max(hits, key=lambda h: (abs(h[2].effect - 0.5) if _finite(h[2].effect) else -1,
+                                                     h[2].artifact_auroc if _finite(h[2].artifact_auroc) else -1,
                                                      h[2].auroc if _finite(h[2].auroc) else -1,
                                                      -(h[2].p_adjusted if _finite(h[2].p_adjusted) else 1.0)))
                 strongest = {
@@ -298,6 +305,8 @@ class _Builder:
                     "auroc": f.auroc,
                     "p_adjusted": f.p_adjusted,
                     "rule": f.rule,
+                    "effect": f.effect,
+                    "direction": f.direction,
                 }
             if concept is not None and concept.status == "excluded":
                 status = "excluded"
@@ -316,6 +325,8 @@ class _Builder:
                 "by_rule": by_rule,
                 "layers": sorted({lyr.name for lyr, _, _ in hits}, key=lambda name: layer_pos[name]),
                 "n_sensitive": len(sensitive),
+                "n_near_miss": len(near),
+                "n_inconclusive": len(inconclusive),
                 "strongest": strongest,
             })
         return rows
@@ -432,6 +443,13 @@ class _Builder:
         reference = sorted((n for n in layer.neurons if not n.flagged and not n.sensitive and n.best is not None
                             and (n.top_images or n.distribution is not None)),
                            key=lambda n: (-n.best.auroc, n.index))[:N_REFERENCE]  # type: ignore[union-attr]
+        verdict_rows = [{
+            "anchor": self.anchor(pos, n.index), "neuron": n.index, "label": self.concept_label(t.artifact),
+            "status": t.status, "effect": t.effect, "p_adjusted": t.p_adjusted, "n_artifact": t.n_artifact,
+            "direction": t.direction, "reason": t.reason,
+        } for n in layer.neurons for t in n.artifact_tests if t.status in ("near_miss", "inconclusive")]
+        verdict_rows.sort(key=lambda r: (r["status"] != "near_miss",
+                                         -(abs(r["effect"] - 0.5) if _finite(r["effect"]) else 0), r["neuron"]))
         usage = concept_usage(layer)
         top = usage[:25]
         peak = max((u["neurons"] for u in top), default=1) or 1
@@ -466,6 +484,11 @@ class _Builder:
             "n_sensitive_only": len(sensitive_only),
             "sensitive_rest": ranges([n.index for n in sensitive_only[MAX_SENSITIVE_ROWS:]]),
             "reference": [self.card(pos, layer, n) for n in reference],
+            "legacy": self.result.rule_version is None,
+            "verdict_rows": verdict_rows[:MAX_VERDICT_ROWS],
+            "n_verdict_rest": max(0, len(verdict_rows) - MAX_VERDICT_ROWS),
+            "n_near_miss": sum(1 for r in verdict_rows if r["status"] == "near_miss"),
+            "n_inconclusive": sum(1 for r in verdict_rows if r["status"] == "inconclusive"),
         }
 
     def build(self) -> dict[str, Any]:
@@ -473,6 +496,7 @@ class _Builder:
         layers = [self.layer(i, lyr) for i, lyr in enumerate(r.layers)]
         flagged = [(i, lyr, n) for i, lyr in enumerate(r.layers) for n in lyr.neurons if n.flagged]
         flagged.sort(key=lambda t: (t[0],
+                                    -max((abs(f.effect - 0.5) for f in t[2].flags if _finite(f.effect)), default=0.0),
                                     -max((f.artifact_auroc for f in t[2].flags if _finite(f.artifact_auroc)),
                                          default=0.0),
                                     -max((f.auroc for f in t[2].flags if _finite(f.auroc)), default=0.0),
@@ -492,6 +516,11 @@ class _Builder:
             "created": r.created,
             "tool": r.tool,
             "schema_version": r.schema_version,
+            "rule_version": r.rule_version,
+            "legacy": r.rule_version is None,
+            "calibration": r.calibration,
+            "rule": r.thresholds or {},
+            "config_heldout": (r.config or {}).get("heldout"),
             "verdict": verdict,
             "overall": {
                 "flagged": bool(flagged),
@@ -503,7 +532,8 @@ class _Builder:
                 "n_sensitive": sum(1 for lyr in r.layers for n in lyr.neurons if n.sensitive),
             },
             "facts": self.facts(),
-            "thresholds": key_values(r.thresholds or {}),
+            "thresholds": key_values({k: v for k, v in (r.thresholds or {}).items()
+                                      if k != "rule" or r.rule_version is None}),
             "warnings": list(r.warnings),
             "cards": cards,
             "card_anchors": {c["anchor"] for c in cards} | {c["anchor"] for lyr in layers for c in lyr["reference"]},

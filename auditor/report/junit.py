@@ -1,8 +1,11 @@
 """JUnit XML for CI: one test case per artifact concept per layer.
 
-A case fails when any neuron of the layer carries a flag for the artifact; the failure
-text lists those neurons with their evidence. An excluded artifact concept is a
-skipped case (it could not be checked). CI systems (GitLab, Jenkins, GitHub test
+A case fails when any neuron of the layer carries a flag for the artifact (gate
+``fail_on_flag``), or, when the audit ran with ``fail_on_inconclusive``, when a test of
+the artifact was inconclusive; the failure's type and text say which gate and list the
+neurons with their evidence. Near misses and inconclusive tests that do not gate are
+listed in ``<system-out>``. An excluded artifact concept is a skipped case (it could
+not be checked). CI systems (GitLab, Jenkins, GitHub test
 reporters) show these as ordinary test results.
 """
 
@@ -37,6 +40,16 @@ def _evidence(layer: LayerResult, artifact: str) -> tuple[set[int], list[str]]:
             if f.artifact != artifact:
                 continue
             best = n.best
+            if f.effect is not None:  # rule 2.x
+                parts = [f"neuron {n.index}: {f.direction} ({f.branch} branch)",
+                         f"stratified effect={fmt_auroc(f.effect)}",
+                         f"adjusted p={fmt_pvalue(f.p_adjusted)}",
+                         f"artifact rows={f.n_artifact}"]
+                if f.formula:
+                    parts.append(f"formula={f.formula}")
+                lines.append("; ".join(parts) + (f"\n    {f.reason}" if f.reason else ""))
+                neurons.add(n.index)
+                continue
             parts = [
                 f"neuron {n.index}: {f.formula}",
                 f"rule={f.rule}",
@@ -76,11 +89,23 @@ def junit_tree(result: AuditResult) -> ET.ElementTree:
             case = ET.SubElement(suite, "testcase", classname=_x(f"auditor.{layer.name}"),
                                  name=_x(_case_name(artifact)), time="0")
             flagged, evidence = _evidence(layer, artifact)
-            if flagged:
-                n = len(flagged)
-                failure = ET.SubElement(case, "failure", type="ArtifactDetector",
-                                        message=_x(f"{n} neuron{'s' if n != 1 else ''} in {layer.name} "
-                                                   f"flagged for artifact '{artifact}'"))
+            tests = [(n.index, n.test(artifact)) for n in layer.neurons]
+            near = [(i, t) for i, t in tests if t is not None and t.status == "near_miss"]
+            inconclusive = [(i, t) for i, t in tests if t is not None and t.status == "inconclusive"]
+            gate_inconclusive = bool((result.config or {}).get("fail_on_inconclusive")) and inconclusive
+            if flagged or gate_inconclusive:
+                msgs = []
+                if flagged:
+                    n = len(flagged)
+                    msgs.append(f"gate fail_on_flag: {n} neuron{'s' if n != 1 else ''} in {layer.name} "
+                                f"flagged for artifact '{artifact}'")
+                if gate_inconclusive:
+                    msgs.append(f"gate fail_on_inconclusive: {len(inconclusive)} inconclusive test(s) of "
+                                f"'{artifact}' in {layer.name}")
+                    evidence = evidence + [f"neuron {i}: {t.reason}" for i, t in inconclusive]
+                failure = ET.SubElement(case, "failure",
+                                        type="ArtifactDetector" if flagged else "InconclusiveArtifactTest",
+                                        message=_x("; ".join(msgs)))
                 failure.text = _x("\n".join(evidence))
                 s_fail += 1
             elif artifact in excluded:
@@ -88,10 +113,16 @@ def junit_tree(result: AuditResult) -> ET.ElementTree:
                 ET.SubElement(case, "skipped", message=_x(f"artifact concept excluded: {reason}"))
                 s_skip += 1
             sensitive = [n.index for n in layer.neurons if artifact in n.sensitive]
+            notes = []
             if sensitive:
+                notes.append("artifact-sensitive neurons (artifact alone passes the AUROC threshold): " + ", ".join(
+                    str(i) for i in sensitive))
+            notes += [f"near miss, neuron {i}: {t.reason}" for i, t in near]
+            if not gate_inconclusive:
+                notes += [f"inconclusive, neuron {i}: {t.reason}" for i, t in inconclusive]
+            if notes:
                 out = ET.SubElement(case, "system-out")
-                out.text = "artifact-sensitive neurons (artifact alone passes the AUROC threshold): " + ", ".join(
-                    str(i) for i in sensitive)
+                out.text = _x("\n".join(notes))
         suite.set("tests", str(len(result.artifacts)))
         suite.set("failures", str(s_fail))
         suite.set("errors", "0")

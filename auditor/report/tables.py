@@ -34,6 +34,8 @@ BASE_COLUMNS = [
     "flags",
     "sensitive",
 ]
+# Per artifact (rule 2.x): the test's status, direction, stratified effect and adjusted p.
+TEST_FIELDS = ("status", "direction", "effect", "p_adjusted")
 STAT_COLUMNS = {"mean": "act_mean", "std": "act_std", "max": "act_max", "frac_zero": "act_frac_zero"}
 INT_COLUMNS = ("neuron", "length", "support")
 
@@ -46,8 +48,12 @@ def artifact_column(artifact: str) -> str:
 
 
 def flag_text(neuron: NeuronResult) -> str:
-    """``watermark (formula); text_overlay (sensitive)``."""
-    return "; ".join(f"{f.artifact} ({f.rule})" for f in neuron.flags)
+    """``watermark (formula, raises); text_overlay (sensitive)``."""
+    return "; ".join(f"{f.artifact} ({f.rule}{', ' + f.direction if f.direction else ''})" for f in neuron.flags)
+
+
+def test_column(artifact: str, key: str) -> str:
+    return f"{key}:{artifact}"
 
 
 def neuron_row(layer: LayerResult, neuron: NeuronResult, artifacts: list[str]) -> dict[str, Any]:
@@ -76,6 +82,9 @@ def neuron_row(layer: LayerResult, neuron: NeuronResult, artifacts: list[str]) -
     }
     for art in artifacts:
         row[artifact_column(art)] = neuron.artifact_auroc.get(art)
+        t = neuron.test(art)
+        for key in TEST_FIELDS:
+            row[test_column(art, key)] = getattr(t, key) if t is not None else None
     for key, col in STAT_COLUMNS.items():
         row[col] = neuron.stats.get(key)
     return row
@@ -88,7 +97,8 @@ def iter_rows(result: AuditResult) -> Iterator[dict[str, Any]]:
 
 
 def columns(result: AuditResult) -> list[str]:
-    return BASE_COLUMNS + [artifact_column(a) for a in result.artifacts] + list(STAT_COLUMNS.values())
+    return BASE_COLUMNS + [artifact_column(a) for a in result.artifacts] + list(STAT_COLUMNS.values()) \
+        + [test_column(a, k) for a in result.artifacts for k in TEST_FIELDS]
 
 
 def neurons_table(result: AuditResult):
@@ -103,8 +113,9 @@ def neurons_table(result: AuditResult):
     for col in INT_COLUMNS:
         df[col] = df[col].astype("Int64")
     df["flagged"] = df["flagged"].astype(bool)
+    text_cols = {test_column(a, k) for a in result.artifacts for k in ("status", "direction")}
     float_cols = [c for c in df.columns if c not in (*INT_COLUMNS, "layer", "status", "formula", "flagged",
-                                                        "flags", "sensitive")]
+                                                        "flags", "sensitive") and c not in text_cols]
     df[float_cols] = df[float_cols].astype(float)
     return df
 
