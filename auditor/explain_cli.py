@@ -89,7 +89,7 @@ def run_explain(ns: argparse.Namespace) -> int:
     from .cli import finish
     from .data import read_label_matrix
     from .errors import did_you_mean
-    from .pipeline import (explain_layers, hierarchy_ancestors, package_versions, rule_of, summarise_concepts,
+    from .pipeline import (explain_layers, hierarchy_ancestors, package_versions, summarise_concepts, thresholds_plain,
                            write_outputs)
     from .results import SCHEMA_VERSION, AuditResult, LayerResult
     from .flags import RULE_VERSION
@@ -137,7 +137,7 @@ def run_explain(ns: argparse.Namespace) -> int:
     result = AuditResult(schema_version=SCHEMA_VERSION, tool={"name": "auditor", "version": __version__},
                          created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                          title=f"INVERT explanations of {Path(ns.activations).name}", config=config,
-                         provenance=provenance, thresholds=rule_of(cfg).plain(), concepts=cols,
+                         provenance=provenance, thresholds=thresholds_plain(cfg, len(names)), concepts=cols,
                          artifacts=artifacts,
                          layers=[LayerResult(name=ns.layer_name, output_shape=[int(A.shape[1])], reduction="given",
                                              neurons=neurons)],

@@ -188,6 +188,18 @@ def leaves(ast: Any) -> list[str]:
     return [x for sub in ast[1:] for x in leaves(sub)]
 
 
+def grown_from(ast: Any) -> list[Any]:
+    """The formula and the shorter ones the beam search grew it from (it appends one literal at a
+    time: ``(f op literal)``): ``((w AND s) AND c)`` -> itself, ``w AND s`` (not the starting literal)."""
+    out = [ast]
+    while not isinstance(ast, str) and ast[0] in ("and", "or"):
+        ast = ast[1]
+        if isinstance(ast, str) or ast[0] == "not":  # the starting literal: its region would be every row
+            break
+        out.append(ast)
+    return out
+
+
 def _evaluate(ast: Any, column: Callable[[str], np.ndarray]) -> np.ndarray:
     if isinstance(ast, str):
         return column(ast)
@@ -389,8 +401,10 @@ def make_plan(best: Sequence[tuple[str, Any]], ctx: ArtifactContext, labels: Lab
         lv = leaves(ast)
         if marks & set(lv):
             named_by.append(text)
-            r = flip_region(ast, labels, ctx.name, ctx.containers)
-            region = r if region is None else (region | r)
+            for part in grown_from(ast):
+                if marks & set(leaves(part)):
+                    r = flip_region(part, labels, ctx.name, ctx.containers)
+                    region = r if region is None else (region | r)
         for c in lv:
             if c not in marks and c not in ctx.sub and c not in concepts:
                 concepts.append(c)
@@ -427,19 +441,21 @@ def run_plan(plan: Plan, a: np.ndarray, Y: np.ndarray) -> PairTests:
 def decide(named, eff_r, p_r, n_r, eff_a, p_a, n_a, rule: Rule) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised decision: (formula branch fires, strong branch fires), element-wise.
 
-    Formula branch: a best formula names the artifact, its region's test passes (p_adj <= alpha,
-    >= min_artifact_rows artifact rows, |effect - 0.5| >= min_effect) and the all-rows test agrees
-    (p_adj <= alpha, same direction). Strong branch: the all-rows test passes with
-    |effect - 0.5| >= strong_effect and >= min_artifact_rows artifact rows.
+    Formula branch: a best formula names the artifact and its region's test passes (p_adj <= alpha,
+    >= min_artifact_rows artifact rows, |effect - 0.5| >= min_effect). Strong branch: the all-rows
+    test passes with |effect - 0.5| >= strong_effect and >= min_artifact_rows artifact rows.
     """
     with np.errstate(invalid="ignore"):
-        da = np.abs(eff_a - 0.5)
-        dr = np.abs(eff_r - 0.5)
-        a_sig = p_a <= rule.alpha
-        strong = a_sig & (n_a >= rule.min_artifact_rows) & (da >= rule.strong_effect)
-        formula = named & (p_r <= rule.alpha) & (n_r >= rule.min_artifact_rows) & (dr >= rule.min_effect) \
-            & a_sig & (np.sign(eff_r - 0.5) == np.sign(eff_a - 0.5))
+        strong = (p_a <= rule.alpha) & (n_a >= rule.min_artifact_rows) & (np.abs(eff_a - 0.5) >= rule.strong_effect)
+        formula = named & (p_r <= rule.alpha) & (n_r >= rule.min_artifact_rows) & (np.abs(eff_r - 0.5) >= rule.min_effect)
     return formula, strong
+
+
+def search_size(n_concepts: int, length: int, beam: int, limit_search: int | None = None) -> int:
+    """Formulas INVERT scores for one neuron in both directions: 2C atoms, then per further length
+    beam × pool × 4 (AND, AND NOT, OR, OR NOT), twice (raising and lowering search)."""
+    pool = min(n_concepts, limit_search) if limit_search else n_concepts
+    return 2 * (2 * n_concepts + (length - 1) * beam * pool * 4)
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
@@ -459,12 +475,14 @@ def _first(t: StratifiedTest) -> dict[str, float]:
 
 
 def verdict(plan: Plan, tests: PairTests, p_adj_all: float, p_adj_region: float, rule: Rule,
-            heldout: bool) -> ArtifactTest:
+            heldout: bool, selection: float = 1.0) -> ArtifactTest:
     """Status, branch, direction and the one-sentence reason of one pair (real labels: column 0)."""
     art = plan.artifact
     named = bool(plan.named_by)
     A = _first(tests.all_rows)
     R = _first(tests.region) if tests.region is not None else None
+    if R is not None:  # the p-value that entered the adjustment (selection-corrected without a held-out split)
+        R["p"] = min(1.0, R["p"] * selection) if not math.isnan(R["p"]) else R["p"]
     split = " on the held-out rows" if heldout else ""
     where_r = f"where flipping {art} flips {' / '.join(repr(t) for t in plan.named_by)}"
     strata = ", ".join(plan.strata_concepts) or "none"
@@ -487,9 +505,11 @@ def verdict(plan: Plan, tests: PairTests, p_adj_all: float, p_adj_region: float,
                             all_rows=all_rec if where != "all rows" else None)
 
     def desc(t, p_adj, where):
+        sel = f" (its p times {selection:g}, the formulas the search scored)" \
+            if where != "all rows" and selection > 1 else ""
         return (f"stratified effect {t['effect']:.3f} (|effect - 0.5| = {abs(t['effect'] - 0.5):.3f}), adjusted p "
                 f"{p_adj:.2g}, {t['n_artifact']} {art} rows in {t['n_strata']} strata of {strata} "
-                f"{'over all rows' if where == 'all rows' else where}{split}")
+                f"{'over all rows' if where == 'all rows' else where}{split}{sel}")
 
     def direction_of(t):
         return "raises" if t["effect"] > 0.5 else "lowers"
@@ -497,8 +517,7 @@ def verdict(plan: Plan, tests: PairTests, p_adj_all: float, p_adj_region: float,
     if bool(formula):
         return record("flagged", R, p_adj_region, where_r, "formula", direction_of(R),
                       f"flagged: {art} {direction_of(R)} the activation; {desc(R, p_adj_region, where_r)}; a best "
-                      f"formula names {art}, the effect reaches {rule.min_effect} and the test over all rows "
-                      f"agrees (adjusted p {p_adj_all:.2g})")
+                      f"formula names {art} and the effect reaches {rule.min_effect}")
     if bool(strong):
         return record("flagged", A, p_adj_all, "all rows", "strong", direction_of(A),
                       f"flagged: {art} {direction_of(A)} the activation; {desc(A, p_adj_all, 'all rows')}; the "
@@ -524,11 +543,6 @@ def verdict(plan: Plan, tests: PairTests, p_adj_all: float, p_adj_region: float,
                       + ("" if named else f" (no best formula names {art}: the strong threshold applies)"))
     if not n_ok:
         failed.append(f"{t['n_artifact']} {art} rows < {rule.min_artifact_rows}")
-    if named and not failed:
-        if not p_adj_all <= rule.alpha:
-            failed.append(f"the test over all rows does not confirm it (adjusted p {p_adj_all:.2g} > {rule.alpha})")
-        else:
-            failed.append(f"the test over all rows points the other way (effect {A['effect']:.3f})")
     near = named or (not n_ok and p_ok and e_ok) or (p_ok and not e_ok and d >= need - rule.min_effect / 2) \
         or (e_ok and not p_ok and p_adj <= 10 * rule.alpha)
     status = "near_miss" if near else "clean"
@@ -565,12 +579,16 @@ def permuted_labels(y: np.ndarray, groups: np.ndarray, runs: int, rng: np.random
 
 def run_tests(layers: Sequence[tuple[np.ndarray, list[tuple[int, str, list[tuple[str, Any]]]]]],
               labels: Labels, artifacts: Sequence[str], rule: Rule, *, ancestors: dict[str, list[str]] | None = None,
-              search_rows: np.ndarray | None = None, test_rows: np.ndarray | None = None) -> AuditTests:
+              search_rows: np.ndarray | None = None, test_rows: np.ndarray | None = None,
+              selection: float = 1.0) -> AuditTests:
     """Test every (layer, neuron, artifact) of an audit, adjust over all of them, decide, calibrate.
 
     ``layers``: per layer (A (N, K), [(neuron index, status, best formulas [(text, ast)])]).
     ``search_rows``/``test_rows``: the held-out split (associated concepts from the search rows, tests on
     the held-out rows); None = every row for both.
+    ``selection``: without a held-out split a region is chosen by the search on the rows it is tested on;
+    its p-value is multiplied by this factor (Bonferroni over the formulas the search scored, see
+    :func:`search_size`) before the adjustment. 1 with a held-out split.
     """
     ancestors = ancestors or {}
     N = labels.N
@@ -605,7 +623,7 @@ def run_tests(layers: Sequence[tuple[np.ndarray, list[tuple[int, str, list[tuple
             continue
         p_a[i], e_a[i], n_a[i] = t.all_rows.p, t.all_rows.effect, t.all_rows.n_artifact
         if t.region is not None:
-            p_r[i], e_r[i], n_r[i] = t.region.p, t.region.effect, t.region.n_artifact
+            p_r[i], e_r[i], n_r[i] = np.minimum(1.0, t.region.p * selection), t.region.effect, t.region.n_artifact
         named[i] = bool(plan.named_by)
     # Benjamini-Hochberg over every test of the audit (all-rows and region tests of every pair), per run
     both = np.vstack([p_a, p_r])
@@ -617,7 +635,7 @@ def run_tests(layers: Sequence[tuple[np.ndarray, list[tuple[int, str, list[tuple
             rec = ArtifactTest(artifact=art, status="clean", n_artifact=0,
                                reason="clean: constant activation (dead neuron), nothing moves it")
         else:
-            rec = verdict(plan, t, float(q_a[i, 0]), float(q_r[i, 0]), rule, heldout)
+            rec = verdict(plan, t, float(q_a[i, 0]), float(q_r[i, 0]), rule, heldout, selection)
         out.tests.setdefault((li, pos), []).append(rec)
     if not R:
         return out

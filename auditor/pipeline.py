@@ -209,7 +209,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     title = cfg.title or f"Audit of {loaded.spec} · {'layer' if len(layers) == 1 else 'layers'} {', '.join(layers)}"
     return AuditResult(schema_version=SCHEMA_VERSION, tool={"name": "auditor", "version": __version__},
                        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                       title=title, config=cfg.plain(), provenance=provenance, thresholds=rule.plain(),
+                       title=title, config=cfg.plain(), provenance=provenance, thresholds=thresholds_plain(cfg, len(names)),
                        concepts=concepts, artifacts=list(cfg.artifacts), layers=results, warnings=warnings,
                        rule_version=RULE_VERSION, calibration=calibration)
 
@@ -241,6 +241,19 @@ def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, 
                            top_image_views, thumbnail, overlay, data_uri)
         neurons[i] = _replace(n, explanations=exps, distribution=dist, top_images=tops)
     return neurons
+
+
+def selection_factor(cfg, n_concepts: int) -> int:
+    """What a region test's p-value is multiplied by: the formulas the search scored per neuron
+    (both directions) when the region is tested on the rows that chose it; 1 with a held-out split."""
+    from .flags import search_size
+
+    return 1 if cfg.heldout is not None else search_size(n_concepts, cfg.length, cfg.beam, cfg.limit_search)
+
+
+def thresholds_plain(cfg, n_concepts: int) -> dict[str, Any]:
+    """The rule's thresholds as results.json records them."""
+    return rule_of(cfg).plain() | {"region_selection_factor": selection_factor(cfg, n_concepts)}
 
 
 def rule_of(cfg) -> Rule:
@@ -299,8 +312,8 @@ def explain_layers(acts: list[tuple[str, np.ndarray]], Yu, names: list[str], art
     if not artifacts:
         return layer_neurons, None
     labels = Labels(Yu, names)
-    decided = run_tests(plan_input, labels, artifacts, _rule(cfg), ancestors=ancestors,
-                        search_rows=search_rows, test_rows=test_rows)
+    decided = run_tests(plan_input, labels, artifacts, rule_of(cfg), ancestors=ancestors,
+                        search_rows=search_rows, test_rows=test_rows, selection=selection_factor(cfg, len(names)))
     out = []
     for li, neurons in enumerate(layer_neurons):
         done = []
@@ -317,10 +330,6 @@ def explain_layers(acts: list[tuple[str, np.ndarray]], Yu, names: list[str], art
             done.append(_replace(n, artifact_tests=tests, flags=flags))
         out.append(done)
     return out, decided.calibration
-
-
-def _rule(cfg) -> Rule:
-    return cfg if isinstance(cfg, Rule) else rule_of(cfg)
 
 
 def summarise_concepts(Y, concept_names: list[str], artifacts, display_names=None, descriptions=None):

@@ -272,3 +272,20 @@ def test_inconclusive_when_no_stratum_varies_the_artifact():
     t = neurons[0].test("watermark")
     assert t.status == "inconclusive" and t.effect is None and "no stratum" in t.reason
     assert not neurons[0].flags
+
+
+def test_region_includes_the_formulas_a_narrow_one_was_grown_from():
+    """``(watermark AND stripes) AND c`` was grown from ``watermark AND stripes``: the region is every
+    stripes row, not only those where the chance literal ``c`` holds (nor every row)."""
+    from auditor.flags import artifact_context, grown_from, make_plan
+
+    rng = np.random.default_rng(5)
+    N = 400
+    wm, st, c = (rng.random((3, N)) < 0.4)
+    lab = _labels(watermark=wm, stripes=st, c=c)
+    ast = ["and", ["and", "watermark", "stripes"], "c"]
+    assert grown_from(ast) == [ast, ["and", "watermark", "stripes"]]
+    ctx = artifact_context(lab, "watermark", 0)
+    plan = make_plan([("(watermark AND stripes) AND c", ast)], ctx, lab, np.arange(N))
+    assert (plan.region_rows == np.flatnonzero(st)).all()
+    assert plan.strata_concepts == ["stripes", "c"]
