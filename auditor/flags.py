@@ -451,6 +451,20 @@ def decide(named, eff_r, p_r, n_r, eff_a, p_a, n_a, rule: Rule) -> tuple[np.ndar
     return formula, strong
 
 
+def formula_p(p_region, e_region, p_all, e_all, selection: float, min_effect: float):
+    """The formula branch's p-value: twice the smaller of the region test's p (times ``selection``: the
+    region was chosen on the rows it is tested on unless a held-out split is used) and the all-rows
+    test's p when that test points the same way with |effect - 0.5| >= ``min_effect`` (Bonferroni for
+    taking the smaller of two valid tests). NaN when the region test is NaN (no stratum of the region
+    varies the artifact)."""
+    with np.errstate(invalid="ignore"):
+        same = (np.sign(np.asarray(e_region) - 0.5) == np.sign(np.asarray(e_all) - 0.5)) \
+            & (np.abs(np.asarray(e_all) - 0.5) >= min_effect)
+        pa = np.where(same & ~np.isnan(p_all), p_all, 1.0)
+        out = np.minimum(1.0, 2.0 * np.minimum(np.minimum(1.0, np.asarray(p_region) * selection), pa))
+    return np.where(np.isnan(p_region), np.nan, out)
+
+
 def search_size(n_concepts: int, length: int, beam: int, limit_search: int | None = None) -> int:
     """Formulas INVERT scores for one neuron in both directions: 2C atoms, then per further length
     beam × pool × 4 (AND, AND NOT, OR, OR NOT), twice (raising and lowering search)."""
@@ -481,8 +495,10 @@ def verdict(plan: Plan, tests: PairTests, p_adj_all: float, p_adj_region: float,
     named = bool(plan.named_by)
     A = _first(tests.all_rows)
     R = _first(tests.region) if tests.region is not None else None
-    if R is not None:  # the p-value that entered the adjustment (selection-corrected without a held-out split)
-        R["p"] = min(1.0, R["p"] * selection) if not math.isnan(R["p"]) else R["p"]
+    if R is not None:  # the formula branch's p-value, as it entered the adjustment
+        R["p_region"] = R["p"]
+        R["p"] = float(formula_p(np.array(R["p"]), np.array(R["effect"]), np.array(A["p"]),
+                                 np.array(A["effect"]), selection, rule.min_effect))
     split = " on the held-out rows" if heldout else ""
     where_r = f"where flipping {art} flips {' / '.join(repr(t) for t in plan.named_by)}"
     strata = ", ".join(plan.strata_concepts) or "none"
@@ -502,11 +518,15 @@ def verdict(plan: Plan, tests: PairTests, p_adj_all: float, p_adj_region: float,
                             p_adjusted=_num(p_adj), n_artifact=t["n_artifact"], reason=reason,
                             n_region=t["n_rows"], n_strata=t["n_strata"], strata=list(plan.strata_concepts),
                             named_by=list(plan.named_by), heldout=heldout, region=where,
+                            region_p_value=_num(t["p_region"]) if "p_region" in t else None,
                             all_rows=all_rec if where != "all rows" else None)
 
     def desc(t, p_adj, where):
-        sel = f" (its p times {selection:g}, the formulas the search scored)" \
-            if where != "all rows" and selection > 1 else ""
+        sel = "" if where == "all rows" else (
+            f" (p: twice the smaller of the region test's {t['p_region']:.2g}"
+            + (f" times {selection:g}, the formulas the search scored," if selection > 1 else "")
+            + f" and the all-rows test's {A['p']:.2g} if it points the same way with an effect of at least "
+            f"{rule.min_effect})")
         return (f"stratified effect {t['effect']:.3f} (|effect - 0.5| = {abs(t['effect'] - 0.5):.3f}), adjusted p "
                 f"{p_adj:.2g}, {t['n_artifact']} {art} rows in {t['n_strata']} strata of {strata} "
                 f"{'over all rows' if where == 'all rows' else where}{split}{sel}")
@@ -623,7 +643,9 @@ def run_tests(layers: Sequence[tuple[np.ndarray, list[tuple[int, str, list[tuple
             continue
         p_a[i], e_a[i], n_a[i] = t.all_rows.p, t.all_rows.effect, t.all_rows.n_artifact
         if t.region is not None:
-            p_r[i], e_r[i], n_r[i] = np.minimum(1.0, t.region.p * selection), t.region.effect, t.region.n_artifact
+            p_r[i] = formula_p(t.region.p, t.region.effect, t.all_rows.p, t.all_rows.effect, selection,
+                               rule.min_effect)
+            e_r[i], n_r[i] = t.region.effect, t.region.n_artifact
         named[i] = bool(plan.named_by)
     # Benjamini-Hochberg over every test of the audit (all-rows and region tests of every pair), per run
     both = np.vstack([p_a, p_r])

@@ -140,6 +140,7 @@ class ArtifactTest(_Record):
     heldout: bool = False  # tested on the held-out rows only
     region: str | None = None  # "all rows" or where the reported test ran (a naming formula's flip region)
     all_rows: dict[str, Any] | None = None  # the all-rows test when the reported one is a region's
+    region_p_value: float | None = None  # the region test's own p (p_value: the formula branch's combined p)
 
 
 @dataclass(frozen=True)
