@@ -147,3 +147,19 @@ def test_render_reads_a_1x_results_file(tmp_path, capsys):
     from auditor.results import AuditResult
     r = AuditResult.load(src)
     assert r.rule_version is None and r.flagged_neurons() and all(n.artifact_tests == [] for n in r.flagged_neurons())
+
+
+@pytest.mark.parametrize("extra", [[], ["--heldout", "0.5"], ["--min-fraction", "0.05"]],
+                         ids=["defaults", "heldout", "min-fraction"])
+def test_run_flags_the_planted_detector_under_every_setting(colour_args, extra, capsys):
+    """`run` on a real (hand-set) model: the stamp channel and nothing else, whatever the search settings."""
+    from auditor.results import AuditResult
+
+    rc = main(["run"] + colour_args + ["--formats", "json,junit", "--bootstrap", "0"] + extra)
+    err = capsys.readouterr().err
+    assert rc == 1 and "gate failed: fail_on_flag: 1 neuron(s) flagged" in err, err
+    out = Path(colour_args[colour_args.index("--out") + 1])
+    result = AuditResult.load(out / "results.json")
+    flags = {(n.index, f.artifact, f.direction) for n in result.layers[0].neurons for f in n.flags}
+    assert flags == {(2, "stamp", "raises")}
+    assert result.rule_version == "2.0" and result.calibration["runs"] == 20

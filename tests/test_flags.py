@@ -289,3 +289,57 @@ def test_region_includes_the_formulas_a_narrow_one_was_grown_from():
     plan = make_plan([("(watermark AND stripes) AND c", ast)], ctx, lab, np.arange(N))
     assert (plan.region_rows == np.flatnonzero(st)).all()
     assert plan.strata_concepts == ["stripes", "c"]
+
+
+# -- the decision on hand-set numbers ---------------------------------------------------------------
+
+def _pair(effect, p, n_art, named, region_effect=None, region_p=None, region_n=None, selection=1.0,
+          p_adj_all=None, p_adj_region=None):
+    """A verdict from hand-set test numbers (p_adj given directly: the adjustment is tested above)."""
+    from auditor.flags import Plan, PairTests, Rule, StratifiedTest, verdict
+
+    def st(e, pv, n):
+        return StratifiedTest(np.array([e]), np.array([0.02]), np.array([0.0]), np.array([pv]),
+                              np.array([n]), np.array([5 * n]), np.array([3]))
+    rows = np.arange(10)
+    plan = Plan("watermark", ["watermark AND stripes"] if named else [], ["stripes"], rows, rows * 0,
+                rows if named else None, rows * 0 if named else None)
+    tests = PairTests(st(effect, p, n_art), st(region_effect, region_p, region_n) if named else None)
+    return verdict(plan, tests, p if p_adj_all is None else p_adj_all,
+                   (region_p if p_adj_region is None else p_adj_region) if named else np.nan, Rule(), False,
+                   selection)
+
+
+def test_decision_branches_and_directions():
+    t = _pair(0.2, 1e-9, 50, named=False)
+    assert (t.status, t.branch, t.direction) == ("flagged", "strong", "lowers")
+    t = _pair(0.71, 1e-9, 50, named=False)  # 0.21 from 0.5: not strong, no formula names it
+    assert t.status == "near_miss" and "< 0.25" in t.reason  # within half of delta (0.05) of 0.25
+    t = _pair(0.65, 1e-9, 50, named=False)
+    assert t.status == "clean" and t.direction is None
+    t = _pair(0.55, 0.5, 50, named=True, region_effect=0.62, region_p=1e-6, region_n=12, p_adj_region=1e-5)
+    assert (t.status, t.branch, t.direction) == ("flagged", "formula", "raises")
+    assert t.effect == 0.62 and t.all_rows["effect"] == 0.55
+    t = _pair(0.55, 0.5, 50, named=True, region_effect=0.62, region_p=1e-6, region_n=9, p_adj_region=1e-5)
+    assert t.status == "near_miss" and "9 watermark rows < 10" in t.reason
+    t = _pair(0.55, 0.5, 50, named=True, region_effect=0.58, region_p=1e-6, region_n=40, p_adj_region=1e-5)
+    assert t.status == "near_miss" and "|effect - 0.5| = 0.080 < 0.1" in t.reason
+
+
+def test_near_miss_by_a_factor_of_ten_in_p():
+    t = _pair(0.85, 0.05, 50, named=False)
+    assert t.status == "near_miss" and "adjusted p 0.05 > 0.01" in t.reason
+    t = _pair(0.85, 0.2, 50, named=False)
+    assert t.status == "clean"
+
+
+def test_formula_p_combines_region_and_all_rows():
+    from auditor.flags import formula_p
+
+    # region p times the selection factor, or the all-rows p when it agrees with an effect >= delta; doubled
+    assert formula_p(1e-6, 0.8, 0.5, 0.5, 1000, 0.1) == pytest.approx(2e-3)
+    assert formula_p(1e-6, 0.8, 1e-5, 0.65, 1000, 0.1) == pytest.approx(2e-5)
+    assert formula_p(1e-6, 0.8, 1e-5, 0.55, 1000, 0.1) == pytest.approx(2e-3)  # all-rows effect too small
+    assert formula_p(1e-6, 0.8, 1e-5, 0.3, 1000, 0.1) == pytest.approx(2e-3)  # points the other way
+    assert formula_p(0.9, 0.8, 0.9, 0.7, 1000, 0.1) == 1.0
+    assert np.isnan(formula_p(np.nan, 0.5, 1e-5, 0.7, 1, 0.1))
