@@ -262,8 +262,10 @@ class StratifiedTest:
     n_strata: np.ndarray  # contributing strata
 
 
-def stratified_test(a: np.ndarray, strata: np.ndarray, Y: np.ndarray) -> StratifiedTest:
-    """``a`` (n,) activations, ``strata`` (n,) integer stratum ids, ``Y`` (n,) or (n, P) boolean artifact labels.
+def stratified_test(a: np.ndarray, strata: np.ndarray, Y: np.ndarray, order: np.ndarray | None = None
+                    ) -> StratifiedTest:
+    """``a`` (n,) activations, ``strata`` (n,) integer stratum ids, ``Y`` (n,) or (n, P) boolean artifact labels;
+    ``order``: the rows sorted by (stratum, activation), when the caller has it (else computed).
 
     Within stratum s with n1 artifact and n0 other rows (both > 0): AUROC_s = U_s / (n1 n0)
     (mid-ranks for ties), weight w_s = n1 n0 / (n_s + 1); effect = Σ w_s AUROC_s / Σ w_s.
@@ -280,7 +282,7 @@ def stratified_test(a: np.ndarray, strata: np.ndarray, Y: np.ndarray) -> Stratif
         nan = np.full(P, np.nan)
         zero = np.zeros(P, dtype=np.int64)
         return StratifiedTest(np.full(P, 0.5), nan, nan, nan, zero, zero, zero)
-    o = np.lexsort((a, strata))
+    o = np.lexsort((a, strata)) if order is None else order
     ss, aa = np.asarray(strata)[o], a[o]
     pos = np.arange(n)
     new_str = np.r_[True, ss[1:] != ss[:-1]]
@@ -294,9 +296,10 @@ def stratified_test(a: np.ndarray, strata: np.ndarray, Y: np.ndarray) -> Stratif
     n_s = np.diff(np.r_[str_start, n]).astype(np.float64)
     t = grp_size.astype(np.float64)
     tie = np.bincount(str_id[grp_start], weights=t ** 3 - t, minlength=len(n_s))
-    Ys = Y[o].astype(np.float64)
-    n1 = np.add.reduceat(Ys, str_start, axis=0)  # (S, P)
-    R1 = np.add.reduceat(rank[:, None] * Ys, str_start, axis=0)
+    # (P, n) rows sorted like the ranks: reductions along contiguous memory
+    Yt = np.ascontiguousarray(Y[o].T)
+    n1 = np.add.reduceat(Yt, str_start, axis=1, dtype=np.float64).T  # (S, P)
+    R1 = np.add.reduceat(np.where(Yt, rank, 0.0), str_start, axis=1).T
     n0 = n_s[:, None] - n1
     ok = (n1 > 0) & (n0 > 0)
     U = R1 - n1 * (n1 + 1) / 2.0
@@ -426,15 +429,34 @@ class PairTests:
     region: StratifiedTest | None
 
 
-def run_plan(plan: Plan, a: np.ndarray, Y: np.ndarray) -> PairTests:
-    """The tests of one plan for the label columns ``Y`` (N,) or (N, P)."""
+def _sorted_rows(order_a: np.ndarray, rows: np.ndarray, strata: np.ndarray, N: int) -> np.ndarray:
+    """Positions (into ``rows``) sorting them by (stratum, activation), from the activation's global
+    order: keep the rows in activation order, then a stable sort by stratum (a radix sort for small ids)."""
+    pos = np.full(N, -1, dtype=np.int64)
+    pos[rows] = np.arange(len(rows))
+    idx = pos[order_a]
+    idx = idx[idx >= 0]  # positions of the rows, in ascending activation
+    st = strata[idx]
+    if len(st) and st.min() >= 0 and st.max() < 2 ** 15:
+        st = st.astype(np.int16)
+    return idx[np.argsort(st, kind="stable")]
+
+
+def run_plan(plan: Plan, a: np.ndarray, Y: np.ndarray, order_a: np.ndarray | None = None) -> PairTests:
+    """The tests of one plan for the label columns ``Y`` (N,) or (N, P); ``order_a``: ``np.argsort(a,
+    kind="stable")``, shared by every plan of the neuron."""
     Y = np.asarray(Y, dtype=bool)
     if Y.ndim == 1:
         Y = Y[:, None]
-    whole = stratified_test(a[plan.rows], plan.strata, Y[plan.rows])
+    if order_a is None:
+        order_a = np.argsort(a, kind="stable")
+    N = len(a)
+    whole = stratified_test(a[plan.rows], plan.strata, Y[plan.rows],
+                            _sorted_rows(order_a, plan.rows, plan.strata, N))
     region = None
     if plan.region_rows is not None:
-        region = stratified_test(a[plan.region_rows], plan.region_strata, Y[plan.region_rows])
+        region = stratified_test(a[plan.region_rows], plan.region_strata, Y[plan.region_rows],
+                                 _sorted_rows(order_a, plan.region_rows, plan.region_strata, N))
     return PairTests(whole, region)
 
 
@@ -630,9 +652,10 @@ def run_tests(layers: Sequence[tuple[np.ndarray, list[tuple[int, str, list[tuple
                     continue
                 if a is None:
                     a = np.asarray(A[:, k], dtype=np.float64)
+                    order_a = np.argsort(a, kind="stable")
                 plan = make_plan(best, ctxs[art], labels, test_rows)
                 plans.append(plan)
-                tests.append(run_plan(plan, a, Ycal[art]))
+                tests.append(run_plan(plan, a, Ycal[art], order_a))
     n, P = len(keys), 1 + R
     p_a, p_r = np.full((n, P), np.nan), np.full((n, P), np.nan)
     e_a, e_r = np.full((n, P), 0.5), np.full((n, P), 0.5)
