@@ -8,20 +8,22 @@ For every (layer, neuron, artifact) of an audit:
    the artifact is not a container.
 2. **Strata**: the other concepts of the neuron's best formulas (positive and negative
    INVERT search) plus the ``m`` concepts most associated with the artifact (|phi|),
-   containers and the artifact's own sub-concepts excluded. **Region**: when a best
-   formula names the artifact or a container, only the rows where flipping the
-   artifact flips that formula (``F(rest, artifact=1) != F(rest, artifact=0)``);
-   otherwise every row.
-3. **Effect**: within every stratum of the region, the AUROC of the activation for
-   artifact vs no artifact, combined with van Elteren weights
-   ``n1 n0 / (n + 1)``; its two-sided p-value is van Elteren's normal test (the
-   Mann–Whitney test without continuity correction when there is one stratum).
-   Strata where the artifact does not vary contribute nothing; when none varies the
-   test is **inconclusive**.
+   containers and the artifact's own sub-concepts excluded. **Region** of a best formula
+   naming the artifact or a container: the rows where flipping the artifact flips that
+   formula (``F(rest, artifact=1) != F(rest, artifact=0)``) or a shorter formula the
+   search grew it from.
+3. **Effect**: within every stratum of the tested rows, the AUROC of the activation for
+   artifact vs no artifact, combined with van Elteren weights ``n1 n0 / (n + 1)``; its
+   two-sided p-value is van Elteren's normal test (the Mann–Whitney test without continuity
+   correction when there is one stratum). Strata where the artifact does not vary contribute
+   nothing; when none varies the test is **inconclusive**. Each pair gets an all-rows test
+   and, per naming formula, a region test; the formula branch's p (:func:`formula_p`)
+   combines the region tests (times the search's size without a held-out split) with the
+   test over the rows outside every region.
 4. **Decision**: Benjamini–Hochberg over every test of the audit. Flagged when
-   ``p_adj <= alpha``, the contributing strata hold ``>= min_artifact_rows`` artifact
-   rows, and either (a) a best formula names the artifact or a container and
-   ``|effect - 0.5| >= min_effect`` or (b) ``|effect - 0.5| >= strong_effect``.
+   ``p_adj <= alpha``, the tested rows hold ``>= min_artifact_rows`` artifact rows, and
+   either (a) a best formula names the artifact or a container and the region's
+   ``|effect - 0.5| >= min_effect`` or (b) the all-rows ``|effect - 0.5| >= strong_effect``.
 5. **Near miss**: a best formula names the artifact but the test fails, or one of
    p_adj and the effect passes and the other misses by less than a factor of ten /
    half of ``min_effect``, or only the row count fails.
@@ -74,12 +76,13 @@ class Rule:
 
 
 RULE_TEXT = ("per (layer, neuron, artifact): effect = within-stratum AUROC of artifact vs no artifact, van Elteren "
-             "weights, over the region where flipping the artifact flips a best formula naming it or a container "
-             "(all rows otherwise), strata = other concepts of the best positive and negative formulas + the {m} "
-             "concepts most associated with the artifact; two-sided p, Benjamini-Hochberg over every test of the "
-             "audit; flagged when p_adjusted <= {a} AND >= {n} artifact rows AND (a best formula names the artifact "
-             "or a container AND |effect - 0.5| >= {d} OR |effect - 0.5| >= {ds}); no stratum where the artifact "
-             "varies: inconclusive")
+             "weights, two-sided p; strata = other concepts of the best positive and negative formulas + the {m} "
+             "concepts most associated with the artifact; tested over all rows (strong branch) and, per best "
+             "formula naming the artifact or a container, over the rows where flipping the artifact flips it "
+             "(formula branch: p = smallest of the region tests' p times region_selection_factor and the p outside "
+             "the regions, times the number of those tests); Benjamini-Hochberg over every test of the audit; "
+             "flagged when p_adjusted <= {a} AND >= {n} artifact rows AND (formula branch with |effect - 0.5| >= "
+             "{d} OR all-rows |effect - 0.5| >= {ds}); no stratum where the artifact varies: inconclusive")
 
 
 # -- label structure ---------------------------------------------------------------------
@@ -346,20 +349,6 @@ def strata_ids(labels: Labels, concepts: Sequence[str], rows: np.ndarray) -> np.
 # -- one audit's tests ---------------------------------------------------------------------
 
 @dataclass
-class Plan:
-    """Where and how one (neuron, artifact) pair is tested."""
-
-    layer: int  # position of the layer in the audit
-    neuron: int  # position of the neuron in its layer
-    artifact: str
-    named_by: list[str]  # best formulas (text) naming the artifact or a container
-    strata_concepts: list[str]
-    rows: np.ndarray  # test rows (region ∩ test split)
-    strata: np.ndarray  # stratum id per test row
-    n_region: int
-
-
-@dataclass
 class ArtifactContext:
     """Per artifact, computed once per audit."""
 
@@ -381,33 +370,35 @@ def artifact_context(labels: Labels, artifact: str, m: int, ancestors: Sequence[
 
 @dataclass
 class Plan:
-    """Where one (neuron, artifact) pair is tested: every test row, and the region when a best formula names
-    the artifact or a container."""
+    """Where one (neuron, artifact) pair is tested: every test row; when best formulas name the artifact or
+    a container, each one's region, and the rows outside all of them."""
 
     artifact: str
     named_by: list[str]  # best formulas (text) naming the artifact or a container
     strata_concepts: list[str]
     rows: np.ndarray  # every test row
     strata: np.ndarray  # stratum id per test row
-    region_rows: np.ndarray | None  # test rows where flipping the artifact flips a naming formula
-    region_strata: np.ndarray | None
+    regions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # per naming formula: rows, strata
+    outside_rows: np.ndarray | None = None  # test rows outside every region: the naming formulas ignore the artifact
+    outside_strata: np.ndarray | None = None
 
 
 def make_plan(best: Sequence[tuple[str, Any]], ctx: ArtifactContext, labels: Labels,
               test_rows: np.ndarray) -> Plan:
     """``best``: (text, ast) of the neuron's best formulas (positive and negative search)."""
     named_by: list[str] = []
-    region = None
+    masks: list[np.ndarray] = []
     concepts: list[str] = []
     marks = {ctx.name} | set(ctx.containers)
     for text, ast in best:
         lv = leaves(ast)
         if marks & set(lv):
             named_by.append(text)
+            region = np.zeros(labels.N, dtype=bool)
             for part in grown_from(ast):
                 if marks & set(leaves(part)):
-                    r = flip_region(part, labels, ctx.name, ctx.containers)
-                    region = r if region is None else (region | r)
+                    region |= flip_region(part, labels, ctx.name, ctx.containers)
+            masks.append(region)
         for c in lv:
             if c not in marks and c not in ctx.sub and c not in concepts:
                 concepts.append(c)
@@ -415,10 +406,15 @@ def make_plan(best: Sequence[tuple[str, Any]], ctx: ArtifactContext, labels: Lab
         if c not in concepts:
             concepts.append(c)
     all_strata = strata_ids(labels, concepts, test_rows)
-    if region is None:
-        return Plan(ctx.name, named_by, concepts, test_rows, all_strata, None, None)
-    inside = region[test_rows]
-    return Plan(ctx.name, named_by, concepts, test_rows, all_strata, test_rows[inside], all_strata[inside])
+    plan = Plan(ctx.name, named_by, concepts, test_rows, all_strata)
+    if masks:
+        anywhere = np.zeros(len(test_rows), dtype=bool)
+        for m in masks:
+            inside = m[test_rows]
+            anywhere |= inside
+            plan.regions.append((test_rows[inside], all_strata[inside]))
+        plan.outside_rows, plan.outside_strata = test_rows[~anywhere], all_strata[~anywhere]
+    return plan
 
 
 @dataclass
@@ -426,7 +422,8 @@ class PairTests:
     """The tests of one pair, for P label columns (the real labels first, then the calibration's)."""
 
     all_rows: StratifiedTest
-    region: StratifiedTest | None
+    regions: list[StratifiedTest] = field(default_factory=list)  # one per naming formula
+    outside: StratifiedTest | None = None
 
 
 def _sorted_rows(order_a: np.ndarray, rows: np.ndarray, strata: np.ndarray, N: int) -> np.ndarray:
@@ -451,13 +448,29 @@ def run_plan(plan: Plan, a: np.ndarray, Y: np.ndarray, order_a: np.ndarray | Non
     if order_a is None:
         order_a = np.argsort(a, kind="stable")
     N = len(a)
-    whole = stratified_test(a[plan.rows], plan.strata, Y[plan.rows],
-                            _sorted_rows(order_a, plan.rows, plan.strata, N))
-    region = None
-    if plan.region_rows is not None:
-        region = stratified_test(a[plan.region_rows], plan.region_strata, Y[plan.region_rows],
-                                 _sorted_rows(order_a, plan.region_rows, plan.region_strata, N))
-    return PairTests(whole, region)
+
+    def test(rows, strata):
+        return stratified_test(a[rows], strata, Y[rows], _sorted_rows(order_a, rows, strata, N))
+
+    out = PairTests(test(plan.rows, plan.strata))
+    if plan.regions:
+        out.regions = [test(rows, strata) for rows, strata in plan.regions]
+        out.outside = test(plan.outside_rows, plan.outside_strata)
+    return out
+
+
+def formula_branch(tests: PairTests, selection: float, min_effect: float) -> dict[str, np.ndarray]:
+    """The formula branch's test, per label column: the naming formula whose region test has the smallest
+    p (``chosen``), its effect and artifact rows, and the combined p (:func:`formula_p`, Bonferroni over
+    the regions and the outside test)."""
+    Pr = np.stack([np.minimum(1.0, r.p * selection) for r in tests.regions])  # (R, P)
+    k = np.where(np.isnan(Pr), np.inf, Pr).argmin(axis=0)
+    cols = np.arange(Pr.shape[1])
+    effect = np.stack([r.effect for r in tests.regions])[k, cols]
+    p = formula_p(Pr[k, cols], effect, tests.outside.p, tests.outside.effect, 1.0, min_effect,
+                  n_tests=len(tests.regions) + 1)
+    return {"p": p, "effect": effect, "n_artifact": np.stack([r.n_artifact for r in tests.regions])[k, cols],
+            "chosen": k}
 
 
 def decide(named, eff_r, p_r, n_r, eff_a, p_a, n_a, rule: Rule) -> tuple[np.ndarray, np.ndarray]:
@@ -473,17 +486,18 @@ def decide(named, eff_r, p_r, n_r, eff_a, p_a, n_a, rule: Rule) -> tuple[np.ndar
     return formula, strong
 
 
-def formula_p(p_region, e_region, p_all, e_all, selection: float, min_effect: float):
-    """The formula branch's p-value: twice the smaller of the region test's p (times ``selection``: the
-    region was chosen on the rows it is tested on unless a held-out split is used) and the all-rows
-    test's p when that test points the same way with |effect - 0.5| >= ``min_effect`` (Bonferroni for
-    taking the smaller of two valid tests). NaN when the region test is NaN (no stratum of the region
-    varies the artifact)."""
+def formula_p(p_region, e_region, p_out, e_out, selection: float, min_effect: float, n_tests: int = 2):
+    """The formula branch's p-value: ``n_tests`` times the smaller of the region test's p (times
+    ``selection``: the region was chosen on the rows it is tested on unless a held-out split is used) and
+    the p of the test over the rows outside the regions when it points the same way with
+    |effect - 0.5| >= ``min_effect`` (Bonferroni for taking the smallest of ``n_tests`` valid tests: the
+    regions' and the outside one). Outside the regions the naming formulas do not depend on the artifact,
+    so the search's choice of formula does not bias that test. NaN when the region test is NaN."""
     with np.errstate(invalid="ignore"):
-        same = (np.sign(np.asarray(e_region) - 0.5) == np.sign(np.asarray(e_all) - 0.5)) \
-            & (np.abs(np.asarray(e_all) - 0.5) >= min_effect)
-        pa = np.where(same & ~np.isnan(p_all), p_all, 1.0)
-        out = np.minimum(1.0, 2.0 * np.minimum(np.minimum(1.0, np.asarray(p_region) * selection), pa))
+        same = (np.sign(np.asarray(e_region) - 0.5) == np.sign(np.asarray(e_out) - 0.5)) \
+            & (np.abs(np.asarray(e_out) - 0.5) >= min_effect)
+        pa = np.where(same & ~np.isnan(p_out), p_out, 1.0)
+        out = np.minimum(1.0, n_tests * np.minimum(np.minimum(1.0, np.asarray(p_region) * selection), pa))
     return np.where(np.isnan(p_region), np.nan, out)
 
 
@@ -516,13 +530,18 @@ def verdict(plan: Plan, tests: PairTests, p_adj_all: float, p_adj_region: float,
     art = plan.artifact
     named = bool(plan.named_by)
     A = _first(tests.all_rows)
-    R = _first(tests.region) if tests.region is not None else None
-    if R is not None:  # the formula branch's p-value, as it entered the adjustment
+    R = None
+    where_r = ""
+    if tests.regions:  # the formula branch: the chosen region's numbers, the p that entered the adjustment
+        fb = formula_branch(tests, selection, rule.min_effect)
+        k = int(fb["chosen"][0])
+        R = _first(tests.regions[k])
         R["p_region"] = R["p"]
-        R["p"] = float(formula_p(np.array(R["p"]), np.array(R["effect"]), np.array(A["p"]),
-                                 np.array(A["effect"]), selection, rule.min_effect))
+        R["p_outside"] = float(tests.outside.p[0])
+        R["p"] = float(fb["p"][0])
+        R["n_tests"] = len(tests.regions) + 1
+        where_r = f"where flipping {art} flips {plan.named_by[k]!r}"
     split = " on the held-out rows" if heldout else ""
-    where_r = f"where flipping {art} flips {' / '.join(repr(t) for t in plan.named_by)}"
     strata = ", ".join(plan.strata_concepts) or "none"
     formula, strong = decide(np.array(named), np.array(R["effect"] if R else 0.5),
                              np.array(p_adj_region if R else np.nan), np.array(R["n_artifact"] if R else 0),
@@ -541,14 +560,15 @@ def verdict(plan: Plan, tests: PairTests, p_adj_all: float, p_adj_region: float,
                             n_region=t["n_rows"], n_strata=t["n_strata"], strata=list(plan.strata_concepts),
                             named_by=list(plan.named_by), heldout=heldout, region=where,
                             region_p_value=_num(t["p_region"]) if "p_region" in t else None,
+                            outside_p_value=_num(t["p_outside"]) if "p_outside" in t else None,
                             all_rows=all_rec if where != "all rows" else None)
 
     def desc(t, p_adj, where):
         sel = "" if where == "all rows" else (
-            f" (p: twice the smaller of the region test's {t['p_region']:.2g}"
+            f" (p: {t['n_tests']} times the smallest of the region test's {t['p_region']:.2g}"
             + (f" times {selection:g}, the formulas the search scored," if selection > 1 else "")
-            + f" and the all-rows test's {A['p']:.2g} if it points the same way with an effect of at least "
-            f"{rule.min_effect})")
+            + f" and the test outside the regions' {t['p_outside']:.2g} if it points the same way with an "
+            f"effect of at least {rule.min_effect})")
         return (f"stratified effect {t['effect']:.3f} (|effect - 0.5| = {abs(t['effect'] - 0.5):.3f}), adjusted p "
                 f"{p_adj:.2g}, {t['n_artifact']} {art} rows in {t['n_strata']} strata of {strata} "
                 f"{'over all rows' if where == 'all rows' else where}{split}{sel}")
@@ -665,10 +685,9 @@ def run_tests(layers: Sequence[tuple[np.ndarray, list[tuple[int, str, list[tuple
         if t is None:
             continue
         p_a[i], e_a[i], n_a[i] = t.all_rows.p, t.all_rows.effect, t.all_rows.n_artifact
-        if t.region is not None:
-            p_r[i] = formula_p(t.region.p, t.region.effect, t.all_rows.p, t.all_rows.effect, selection,
-                               rule.min_effect)
-            e_r[i], n_r[i] = t.region.effect, t.region.n_artifact
+        if t.regions:
+            fb = formula_branch(t, selection, rule.min_effect)
+            p_r[i], e_r[i], n_r[i] = fb["p"], fb["effect"], fb["n_artifact"]
         named[i] = bool(plan.named_by)
     # Benjamini-Hochberg over every test of the audit (all-rows and region tests of every pair), per run
     both = np.vstack([p_a, p_r])

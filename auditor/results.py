@@ -141,6 +141,7 @@ class ArtifactTest(_Record):
     region: str | None = None  # "all rows" or where the reported test ran (a naming formula's flip region)
     all_rows: dict[str, Any] | None = None  # the all-rows test when the reported one is a region's
     region_p_value: float | None = None  # the region test's own p (p_value: the formula branch's combined p)
+    outside_p_value: float | None = None  # the test over the rows outside the region (part of the combined p)
 
 
 @dataclass(frozen=True)

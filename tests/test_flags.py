@@ -287,7 +287,8 @@ def test_region_includes_the_formulas_a_narrow_one_was_grown_from():
     assert grown_from(ast) == [ast, ["and", "watermark", "stripes"]]
     ctx = artifact_context(lab, "watermark", 0)
     plan = make_plan([("(watermark AND stripes) AND c", ast)], ctx, lab, np.arange(N))
-    assert (plan.region_rows == np.flatnonzero(st)).all()
+    assert len(plan.regions) == 1 and (plan.regions[0][0] == np.flatnonzero(st)).all()
+    assert (plan.outside_rows == np.flatnonzero(~st)).all()
     assert plan.strata_concepts == ["stripes", "c"]
 
 
@@ -303,8 +304,9 @@ def _pair(effect, p, n_art, named, region_effect=None, region_p=None, region_n=N
                               np.array([n]), np.array([5 * n]), np.array([3]))
     rows = np.arange(10)
     plan = Plan("watermark", ["watermark AND stripes"] if named else [], ["stripes"], rows, rows * 0,
-                rows if named else None, rows * 0 if named else None)
-    tests = PairTests(st(effect, p, n_art), st(region_effect, region_p, region_n) if named else None)
+                [(rows, rows * 0)] if named else [], rows if named else None, rows * 0 if named else None)
+    tests = PairTests(st(effect, p, n_art), [st(region_effect, region_p, region_n)] if named else [],
+                      st(effect, p, n_art) if named else None)
     return verdict(plan, tests, p if p_adj_all is None else p_adj_all,
                    (region_p if p_adj_region is None else p_adj_region) if named else np.nan, Rule(), False,
                    selection)
@@ -336,10 +338,11 @@ def test_near_miss_by_a_factor_of_ten_in_p():
 def test_formula_p_combines_region_and_all_rows():
     from auditor.flags import formula_p
 
-    # region p times the selection factor, or the all-rows p when it agrees with an effect >= delta; doubled
+    # region p times the selection factor, or the outside-the-region p when it agrees with an effect >= delta;
+    # doubled
     assert formula_p(1e-6, 0.8, 0.5, 0.5, 1000, 0.1) == pytest.approx(2e-3)
     assert formula_p(1e-6, 0.8, 1e-5, 0.65, 1000, 0.1) == pytest.approx(2e-5)
-    assert formula_p(1e-6, 0.8, 1e-5, 0.55, 1000, 0.1) == pytest.approx(2e-3)  # all-rows effect too small
+    assert formula_p(1e-6, 0.8, 1e-5, 0.55, 1000, 0.1) == pytest.approx(2e-3)  # outside effect too small
     assert formula_p(1e-6, 0.8, 1e-5, 0.3, 1000, 0.1) == pytest.approx(2e-3)  # points the other way
     assert formula_p(0.9, 0.8, 0.9, 0.7, 1000, 0.1) == 1.0
     assert np.isnan(formula_p(np.nan, 0.5, 1e-5, 0.7, 1, 0.1))
