@@ -158,6 +158,29 @@ class AuditConfig(BaseModel):
     fail_on_inconclusive: bool = Field(False, description="exit with code 1 when an artifact test is inconclusive "
                                        "(no stratum where the artifact varies)")
 
+    # -- impact on the model's outputs -------------------------------------------------
+    impact: bool = Field(True, description="measure what each artifact with a generator does to the model's "
+                         "outputs: paste it on clean probe images, compare predictions (flip rate), an occlusion "
+                         "control, and the ablation of flagged neurons (--no-impact: skip)")
+    impact_count: int = Field(500, ge=1, description="clean probe images the artifacts are pasted on (at most all "
+                              "images that carry no artifact concept); `auditor synth --count` gives the same")
+    impact_seed: int | None = Field(None, description="seed of the pasted artifacts (default: synth.seed, else seed)")
+    impact_params: dict[str, dict[str, Any]] | None = Field(None, description="generator parameters per artifact, "
+                                                            "e.g. {watermark: {logo: mark.png, opacity: [0.3, 0.6]}} "
+                                                            "(default: synth.params)")
+    output: Literal["auto", "classes", "embedding"] = Field(
+        "auto", description="what the model returns: class scores (flip rate, class flows) or an embedding "
+                            "(cosine distance per head); auto: class scores when the output is one (N, C) tensor")
+    class_names: str | None = Field(None, description="text file with one class name per line (or a JSON list), "
+                                    "in output order (default: torchvision weights metadata, else indices)")
+    ablation: Literal["mean", "zero"] = Field("mean", description="how flagged neurons are ablated: replaced by "
+                                              "their mean over the clean test images, or by zero")
+    ablation_draws: int = Field(10, ge=1, description="random ablations of as many unflagged neurons, to compare")
+    fail_on_impact: float | None = Field(None, ge=0.0, le=1.0, description="exit with code 1 when an artifact "
+                                         "flips more than this fraction of predictions (e.g. 0.05)")
+    save_pairs: str | None = Field(None, description="folder to write the clean/pasted image pairs into "
+                                   "(the `auditor synth` layout)")
+
     # -- output ------------------------------------------------------------------
     out: str = Field("audit-report", description="output folder")
     top_k: int = Field(9, ge=0, le=64, description="top-activating images kept per neuron")
@@ -184,6 +207,17 @@ class AuditConfig(BaseModel):
             if not values.get("artifacts") and arts:
                 values["artifacts"] = arts
         return values
+
+    @field_validator("impact_params", mode="before")
+    @classmethod
+    def _impact_params(cls, value: Any) -> Any:
+        if isinstance(value, str):  # --impact-params on the command line: YAML
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError(f"expected a YAML mapping like {{watermark: {{opacity: 0.5}}}}, got {value!r}") \
+                    from None
+        return value
 
     @field_validator("mean", "std", mode="before")
     @classmethod
@@ -293,7 +327,16 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if isinstance(synth, dict) and isinstance(synth.get("plugins"), list):
         synth["plugins"] = [str(path.parent / p) if isinstance(p, str) and p.endswith(".py")
                             and not Path(p).is_absolute() else p for p in synth["plugins"]]
-    for key in ("model", "weights", "images", "labels", "hierarchy", "cache_dir", "out"):
+    impact_params = data.get("impact_params")
+    if isinstance(impact_params, dict):  # a logo or font file named in the config: relative to the file
+        for params in impact_params.values():
+            if isinstance(params, dict):
+                for k in ("logo", "font"):
+                    v = params.get(k)
+                    if isinstance(v, str) and not Path(v).is_absolute():
+                        params[k] = str(path.parent / v)
+    for key in ("model", "weights", "images", "labels", "hierarchy", "cache_dir", "out", "class_names",
+                "save_pairs"):
         value = data.get(key)
         if isinstance(value, str) and key != "model" and not Path(value).is_absolute():
             data[key] = str((path.parent / value))

@@ -89,8 +89,8 @@ def run_explain(ns: argparse.Namespace) -> int:
     from .cli import finish
     from .data import read_label_matrix
     from .errors import did_you_mean
-    from .pipeline import (explain_layers, hierarchy_ancestors, package_versions, summarise_concepts, thresholds_plain,
-                           write_outputs)
+    from .pipeline import (explain_layers, hierarchy_ancestors, package_versions, rule_of, small_probe_warnings,
+                           summarise_concepts, thresholds_plain, write_outputs)
     from .results import SCHEMA_VERSION, AuditResult, LayerResult
     from .flags import RULE_VERSION
 
@@ -113,6 +113,10 @@ def run_explain(ns: argparse.Namespace) -> int:
 
     cols, usable, excluded = summarise_concepts(Y, concepts, artifacts)
     warnings.extend(excluded)
+    for msg in small_probe_warnings(int(A.shape[0]), {a: int(Y[:, concepts.index(a)].sum()) for a in artifacts},
+                                    rule_of(cfg), cfg.max_fraction):
+        print(f"auditor: warning: {msg}", file=sys.stderr)
+        warnings.append(msg)
     names = [concepts[j] for j in usable]
     Yu = Y[:, usable]
     t = time.perf_counter()

@@ -4,7 +4,8 @@ config ─► model + layer ─► activations ─► INVERT (both directions) �
                 probe set (images, concept labels) ─┘
 
 Writing is separate (:func:`write_outputs`): every output is rendered into a
-staging folder next to ``--out`` and moved into place only when all succeeded.
+fresh folder inside ``--out`` and switched into place at once when all succeeded
+(:mod:`auditor.outdir`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .config import AuditConfig
-from .errors import AuditorWarning, ConfigError, DataError
+from .errors import AuditorWarning, ConfigError, DataError, ReportError, did_you_mean
 from .flags import RULE_VERSION, Rule
 from .results import (SCHEMA_VERSION, AuditResult, Concept, Distribution, Explanation, LayerResult,
                       NeuronResult, TopImage)
@@ -195,6 +195,13 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
     if not cfg.layer:
         raise ConfigError("no layer given: pass --layer NAME (list the names with `auditor layers MODEL`)")
     _check_paths(cfg)
+    if cfg.impact and cfg.artifacts:  # the impact stage's own inputs, checked before any work
+        from .impact import check_pairs_folder, read_class_names
+
+        if cfg.class_names:
+            read_class_names(cfg.class_names)
+        if cfg.save_pairs and cfg.images:
+            check_pairs_folder(Path(cfg.save_pairs), Path(cfg.images))
     warnings: list[str] = []
 
     t = time.perf_counter()
@@ -253,6 +260,11 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
     warnings.extend(excluded_warnings)
     names = [probe.concepts[j] for j in usable]
     Yu = Y[:, usable]
+    Y_art = used.dense_columns(list(cfg.artifacts)) if cfg.artifacts else np.zeros((N, 0), dtype=bool)
+    for msg in small_probe_warnings(N, {a: int(Y_art[:, i].sum()) for i, a in enumerate(cfg.artifacts)},
+                                    rule_of(cfg), cfg.max_fraction):
+        log(f"warning: {msg}")
+        warnings.append(msg)
 
     t = time.perf_counter()
     acts = [(name, np.asarray(collected.layers[name].values[keep_rows], dtype=np.float64)) for name in layers]
@@ -279,6 +291,13 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
         results.append(LayerResult(name=name, output_shape=list(layer_acts.output_shape),
                                    reduction=getattr(layer_acts, "reduction", None) or cfg.reduction,
                                    neurons=neurons))
+    impacts = []
+    if cfg.impact and cfg.artifacts:
+        t = time.perf_counter()
+        paired: dict[str, dict] = {}
+        impacts = _impact(cfg, loaded, results, probe, keep_rows, pre, geometry, log, warnings, paired, model_hash)
+        results = _with_impact_pairs(results, paired)
+        timings["impact_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
 
     provenance: dict[str, Any] = {
@@ -309,7 +328,56 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
                        title=title, config=cfg.plain(), provenance=provenance,
                        thresholds=thresholds_plain(cfg, len(names)),
                        concepts=concepts, artifacts=list(cfg.artifacts), layers=results, warnings=warnings,
-                       rule_version=RULE_VERSION, calibration=calibration)
+                       rule_version=RULE_VERSION, calibration=calibration, impact=impacts)
+
+
+def _with_impact_pairs(layers: list[LayerResult], paired: dict[str, dict]) -> list[LayerResult]:
+    """Every neuron's paired change on the impact test's pairs, where --synth did not measure one."""
+    from .paired import neuron_paired
+
+    out = []
+    for lyr in layers:
+        eff = paired.get(lyr.name)
+        if eff:
+            lyr = _replace(lyr, neurons=[_replace(n, paired={**neuron_paired(eff, n.index), **n.paired})
+                                         for n in lyr.neurons])
+        out.append(lyr)
+    return out
+
+
+def _impact(cfg: AuditConfig, loaded, layers: list[LayerResult], probe, keep_rows, pre, geometry, log, warnings,
+            paired=None, model_hash: str = ""):
+    """The impact stage (auditor.impact): paste each artifact on clean probe images, compare the outputs."""
+    from .impact import run_impact
+
+    if cfg.synth:  # the user's own images, before synthesis: what `auditor synth --count` reads
+        from .data import load_probe_set
+
+        clean_probe = load_probe_set(cfg.images, cfg.labels, labels_format=cfg.labels_format,
+                                     allow_no_concepts=True)
+    else:
+        clean_probe = probe.subset(keep_rows) if not keep_rows.all() else probe
+    from .artifacts import ARTIFACTS
+
+    if hasattr(clean_probe, "load") and any(a in ARTIFACTS for a in cfg.artifacts):
+        # images held in memory (auditor.audit with a Dataset): no file to paste on
+        warnings.append("impact test skipped: it pastes artifacts on image files, and these probe images are "
+                        "held in memory (pass an image folder to measure the impact)")
+        return []
+    from .collect import architecture_hash
+
+    cache_id = {"model": model_hash, "architecture": architecture_hash(loaded.module), "preprocessing": pre.plain(),
+                "normalize": cfg.normalize}
+    seed = cfg.impact_seed if cfg.impact_seed is not None else (cfg.synth.seed if cfg.synth else cfg.seed)
+    params = cfg.impact_params if cfg.impact_params is not None else (dict(cfg.synth.params) if cfg.synth else {})
+    return run_impact(loaded.module, layers, probe=clean_probe, artifacts=list(cfg.artifacts),
+                      count=cfg.impact_count, seed=seed, params=params, geometry=geometry,
+                      mean=pre.mean if cfg.normalize else None, std=pre.std if cfg.normalize else None,
+                      device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,
+                      reduction=cfg.reduction, output=cfg.output, class_names=cfg.class_names,
+                      model_spec=loaded.spec, model_kind=loaded.kind, ablation=cfg.ablation,
+                      draws=cfg.ablation_draws, save_pairs=cfg.save_pairs, log=log, warnings=warnings,
+                      paired=paired, cache_dir=None if cfg.no_cache else cfg.cache_path, cache_id=cache_id)
 
 
 def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry):
@@ -430,6 +498,46 @@ def explain_layers(acts: list[tuple[str, np.ndarray]], Yu, names: list[str], art
     return out, decided.calibration
 
 
+def best_possible_p(n_pos: int, n: int) -> float:
+    """The smallest two-sided Mann-Whitney p-value any neuron can reach for a split of ``n``
+    images into ``n_pos`` and ``n - n_pos``: the one of a perfect separation."""
+    from . import invert
+
+    if not 0 < n_pos < n:
+        return 1.0
+    y = np.zeros(n, dtype=bool)
+    y[n - n_pos:] = True  # the n_pos highest activations, no ties
+    return invert.mannwhitney(np.arange(n, dtype=np.float64), y, "two-sided")[0]
+
+
+def small_probe_warnings(n: int, artifact_counts: dict[str, int], rule: Rule,
+                         max_fraction: float = 0.5) -> list[str]:
+    """Say so when the probe set is too small for any finding to be evidence.
+
+    A neuron is flagged only at p <= ``flag_max_p``; with few images even a perfect
+    separation cannot get there (2 images: p = 1). Findings then come from chance
+    alone, so the run says so instead of reporting them silently.
+    """
+    out: list[str] = []
+    alpha = rule.alpha
+    best_any = best_possible_p(max(1, min(n // 2, int(max_fraction * n) or 1)), n)
+    if best_any > alpha or n < rule.min_artifact_rows:
+        out.append(f"probe set too small for any finding: with {n} usable image(s) the smallest p-value any "
+                   f"formula can reach is {best_any:.3g} (flag_max_p {alpha:g}) and a flag needs "
+                   f"{rule.min_artifact_rows} artifact images (flag_min_artifact_rows); no flag can be raised, and "
+                   "any near miss is chance — use a larger probe set (hundreds of images)")
+        return out
+    for art, k in artifact_counts.items():
+        p = best_possible_p(k, n)
+        if p > alpha:
+            out.append(f"artifact {art!r} is on {k} of {n} image(s): even a neuron that separates them perfectly "
+                       f"gets p = {p:.3g} > flag_max_p {alpha:g}, so no neuron can be flagged for it — label "
+                       "more images with and without it")
+    return out
+
+
+
+
 def summarise_concepts(Y, concept_names: list[str], artifacts, display_names=None, descriptions=None):
     """Concept records, the usable column indices, and warnings for excluded ones.
 
@@ -534,27 +642,19 @@ def _top_images(k, layer_acts, probe, row_of, artifacts, geometry, views_fn, thu
 # -- writing ------------------------------------------------------------------------------
 
 def write_outputs(result: AuditResult, out: str | os.PathLike,
-                  formats: tuple[str, ...] = ("html", "pdf", "json", "csv", "junit")) -> dict[str, Path]:
-    """Render every format into a staging folder, then move the files into ``out``.
+                  formats: tuple[str, ...] = ("html", "pdf", "json", "csv", "junit"),
+                  log: Log = _stderr) -> dict[str, Path]:
+    """Render every format into a fresh run folder inside ``out``, then switch ``out`` to it at once.
 
-    If anything fails, ``out`` is left exactly as it was.
+    ``out`` then holds exactly this run's outputs (an earlier run's other formats are
+    gone); if anything fails, ``out`` is left exactly as it was. See :mod:`auditor.outdir`
+    for the steps and what a kill between them leaves.
     """
-    from .report import render
+    from .outdir import publish
+    from .report import FORMATS, render
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=parent))
-    try:
-        written = render(result, staging, formats=formats)
-        out.mkdir(exist_ok=True)
-        final: dict[str, Path] = {}
-        for fmt, path in written.items():
-            target = out / path.name
-            os.replace(path, target)
-            final[fmt] = target
-        return final
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ReportError(f"unknown report format {unknown[0]!r}{did_you_mean(unknown[0], FORMATS)}; "
+                          f"expected some of: {', '.join(FORMATS)}")
+    return publish(out, lambda folder: render(result, folder, formats=formats), log=log)

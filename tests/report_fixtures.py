@@ -125,7 +125,7 @@ def _explanation(rng, ast, auroc, *, heldout=True, ci=False) -> Explanation:
         p_value=p,
         log10_p=log10_p,
         heldout_auroc=round(auroc - rng.uniform(0.0, 0.03), 4) if heldout else None,
-        heldout_p_value=p * 10 if heldout and p > 0 else None,
+        heldout_p_value=min(1.0, p * 10) if heldout and p > 0 else None,
         auroc_ci=(round(auroc - 0.02, 4), round(min(1.0, auroc + 0.015), 4)) if ci else None,
     )
 

@@ -14,6 +14,7 @@ from typing import Any
 from ..results import AuditResult, Concept, Explanation, Flag, LayerResult, NeuronResult
 from . import figures
 from .env import data_image, fmt_num, fmt_seconds
+from .impact import card_extras, impact_context
 from .tables import concept_usage, neuron_row
 
 # Above this many flagged neurons, only the strongest get a full card; the rest are
@@ -265,6 +266,7 @@ class _Builder:
                        if isinstance(v, dict)],
             "flagged": neuron.flagged,
             "beams": beams,
+            **(card_extras(self.result, layer, neuron) if neuron.flagged else {}),
         }
 
     def _beam_item(self, expl: Explanation) -> dict[str, Any]:
@@ -522,6 +524,7 @@ class _Builder:
             "rule": r.thresholds or {},
             "config_heldout": (r.config or {}).get("heldout"),
             "verdict": verdict,
+            "impact": impact_context(r),
             "overall": {
                 "flagged": bool(flagged),
                 "n_flagged": len(flagged),

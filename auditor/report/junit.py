@@ -130,12 +130,47 @@ def junit_tree(result: AuditResult) -> ET.ElementTree:
         total += len(result.artifacts)
         failures += s_fail
         skipped += s_skip
+    t, f, sk = _impact_suite(root, result)
+    total, failures, skipped = total + t, failures + f, skipped + sk
     root.set("tests", str(total))
     root.set("failures", str(failures))
     root.set("errors", "0")
     root.set("skipped", str(skipped))
     ET.indent(root)
     return ET.ElementTree(root)
+
+
+def _impact_suite(root: ET.Element, result: AuditResult) -> tuple[int, int, int]:
+    """One case per artifact whose impact was measured: fails when its flip rate exceeds
+    ``fail_on_impact``; skipped when no threshold was set or the outputs are not class scores."""
+    impacts = list(getattr(result, "impact", None) or [])
+    if not impacts:
+        return 0, 0, 0
+    gate = (result.config or {}).get("fail_on_impact")
+    suite = ET.SubElement(root, "testsuite", name="auditor.impact", timestamp=_x(result.created))
+    fails = skips = 0
+    for imp in impacts:
+        limit = f"{gate:g}" if isinstance(gate, (int, float)) else "X"
+        case = ET.SubElement(suite, "testcase", classname="auditor.impact", time="0",
+                             name=_x(f"artifact '{imp.artifact}' flips at most {limit} of predictions"))
+        if imp.flip_rate is None:
+            ET.SubElement(case, "skipped", message=_x(f"the model's outputs are not class scores: {imp.summary}"))
+            skips += 1
+        elif not isinstance(gate, (int, float)):
+            ET.SubElement(case, "skipped", message=_x(f"no --fail-on-impact threshold set: {imp.summary}"))
+            skips += 1
+        elif imp.flip_rate > gate:
+            failure = ET.SubElement(case, "failure", type="ArtifactImpact",
+                                    message=_x(f"flip rate {fmt_pct(imp.flip_rate)} > {fmt_pct(gate)}"))
+            failure.text = _x(imp.summary + "\ngenerator: " + str(imp.generator))
+            fails += 1
+        out = ET.SubElement(case, "system-out")
+        out.text = _x(imp.summary)
+    suite.set("tests", str(len(impacts)))
+    suite.set("failures", str(fails))
+    suite.set("errors", "0")
+    suite.set("skipped", str(skips))
+    return len(impacts), fails, skips
 
 
 def write_junit(result: AuditResult, path: str | Path) -> Path:
