@@ -252,7 +252,7 @@ def test_junit_survives_control_characters(result, tmp_path):
 def test_html_summary_first_and_complete(result, html):
     assert html.index('id="summary"') < html.index('id="flagged"') < html.index('id="method"') < \
         html.index('id="provenance"')
-    assert "Artifact detectors found" in html
+    assert "Recommended action" in html
     for n in result.flagged_neurons():
         assert f'id="L0-n{n.index}"' in html
     assert "not checked" in html and "no positive images in the probe set" in html  # excluded artifact
@@ -332,12 +332,23 @@ def test_large_layer_pdf_table_is_capped(fx):
 
 
 def test_clean_result_says_so(result):
-    layers = [dataclasses.replace(lyr, neurons=[dataclasses.replace(n, flags=[], sensitive=[]) for n in lyr.neurons])
-              for lyr in result.layers]
-    clean = dataclasses.replace(result, layers=layers)
+    def unflag(t):
+        return dataclasses.replace(t, status="clean") if t.status == "flagged" else t
+
+    layers = [dataclasses.replace(lyr, neurons=[
+        dataclasses.replace(n, flags=[], sensitive=[], artifact_tests=[unflag(t) for t in n.artifact_tests])
+        for n in lyr.neurons]) for lyr in result.layers]
+    clean = dataclasses.replace(result, layers=layers, impact=[])
+    assert "FLAGGED" in _html(result)
     out = _html(clean)
-    assert "No neuron flagged" in out and "Artifact detectors found" not in out
-    assert "FLAGGED" not in out
+    # the 2.x tests still carry the near misses: the verdict says so, and nothing is flagged
+    assert "FLAGGED" not in out and "0 neurons flagged" in out
+    assert 'decision-line">Review the near misses' in out
+    layers = [dataclasses.replace(lyr, neurons=[
+        dataclasses.replace(n, artifact_tests=[dataclasses.replace(t, status="clean") for t in n.artifact_tests])
+        for n in lyr.neurons]) for lyr in layers]
+    out = _html(dataclasses.replace(clean, layers=layers))
+    assert 'decision-line">No action for this artifact' in out and "not proof of absence" in out
 
 
 # -- PDF url fetcher (no layout) ------------------------------------------------------------------------
