@@ -343,12 +343,15 @@ def test_clean_result_says_so(result):
     out = _html(clean)
     # the 2.x tests still carry the near misses: the verdict says so, and nothing is flagged
     assert "FLAGGED" not in out and "0 neurons flagged" in out
-    assert 'decision-line">Review the near misses' in out
+    # the most urgent line wins: the inconclusive text test (severity 4) over the watermark near misses (5)
+    assert 'decision-line">Collect more probe images carrying the artifact' in out
+    assert "<strong>Action:</strong> Review the near misses before release" in out
     layers = [dataclasses.replace(lyr, neurons=[
         dataclasses.replace(n, artifact_tests=[dataclasses.replace(t, status="clean") for t in n.artifact_tests])
         for n in lyr.neurons]) for lyr in layers]
     out = _html(dataclasses.replace(clean, layers=layers))
-    assert 'decision-line">No action for this artifact' in out and "not proof of absence" in out
+    assert "<strong>Action:</strong> No action for this artifact" in out and "not proof of absence" in out
+    assert 'decision-line">Fix the probe set' in out  # timestamp could not be tested
 
 
 # -- PDF url fetcher (no layout) ------------------------------------------------------------------------
