@@ -237,9 +237,18 @@ def test_junit_one_case_per_artifact_and_layer(result, rendered):
                 assert failure is None, (layer.name, artifact)
         assert int(suite.get("failures")) == sum(1 for c in cases if c.find("failure") is not None)
     assert int(root.get("failures")) == total_failures == 2
+    # near misses are listed, with their reason, next to the watermark case of the main layer
+    wm = suites[0].findall("testcase")[0]
+    out = wm.find("system-out").text
+    for i in fx_near_miss():
+        assert re.search(rf"^neuron {i} \(near miss\): .*below the 0.75 required", out, re.M), out
     # the excluded artifact concept is a skipped case, not a pass
     skipped = [c for c in root.iter("testcase") if c.find("skipped") is not None]
     assert {c.get("name") for c in skipped} == {"no neuron detects artifact 'timestamp'"}
+
+
+def fx_near_miss():
+    return sorted(report_fixtures.NEAR_MISS)
 
 
 def test_junit_survives_control_characters(result, tmp_path):
