@@ -179,7 +179,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
         effects = paired_effects_by_artifact(A, used.pairs, list(cfg.artifacts), used.clean_rows)
         if effects:
             neurons = [_replace(n, paired=neuron_paired(effects, n.index)) for n in neurons]
-        neurons = _add_evidence(neurons, A, Yu, names, layer_acts, probe, row_of, cfg, geometry)
+        neurons = _add_evidence(neurons, A, Yu, names, layer_acts, probe, row_of, cfg, geometry, Y_art=Y_art)
         timings["evidence_s"] += time.perf_counter() - t
         dead = sum(1 for n in neurons if n.status == "dead")
         if dead:
@@ -236,8 +236,12 @@ def search_size(n_concepts: int, cfg: AuditConfig, layer_sizes: list[int]) -> di
             "in_sample": cfg.heldout is None, "heldout": cfg.heldout}
 
 
-def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry):
-    """Histograms, bootstrap CIs and top images for flagged, sensitive and the strongest neurons."""
+def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry,
+                  Y_art=None):
+    """Histograms, bootstrap CIs and top images for flagged, sensitive and the strongest neurons.
+
+    Flagged neurons also get a bootstrap interval of each flagged artifact's AUROC
+    (every neuron already has the analytic DeLong one)."""
     from . import invert
     from .evidence import bootstrap_auroc_ci, data_uri, histogram, overlay, thumbnail, top_image_views
 
@@ -258,9 +262,18 @@ def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, 
             if n.flags and cfg.bootstrap:
                 ci = bootstrap_auroc_ci(a, y, n_resamples=cfg.bootstrap, seed=cfg.seed)
                 exps[0] = _replace(exps[0], auroc_ci=ci)
+        boot = {}
+        if n.flags and cfg.bootstrap and Y_art is not None:
+            for f in n.flags:
+                if f.artifact in cfg.artifacts:
+                    ci = bootstrap_auroc_ci(a, Y_art[:, list(cfg.artifacts).index(f.artifact)],
+                                            n_resamples=cfg.bootstrap, seed=cfg.seed)
+                    if ci is not None:
+                        boot[f.artifact] = (float(ci[0]), float(ci[1]))
         tops = _top_images(n.index, layer_acts, probe, row_of, cfg.artifacts, geometry,
                            top_image_views, thumbnail, overlay, data_uri)
-        neurons[i] = _replace(n, explanations=exps, distribution=dist, top_images=tops)
+        neurons[i] = _replace(n, explanations=exps, distribution=dist, top_images=tops,
+                              artifact_auroc_ci_bootstrap=boot)
     return neurons
 
 

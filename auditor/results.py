@@ -197,6 +197,8 @@ class NeuronResult(_Record):
     paired: dict[str, dict[str, float]] = field(default_factory=dict)
     # Per artifact: analytic (DeLong) 95% interval of ``artifact_auroc``, for every neuron.
     artifact_auroc_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Per flagged artifact: percentile bootstrap 95% interval of ``artifact_auroc``.
+    artifact_auroc_ci_bootstrap: dict[str, tuple[float, float]] = field(default_factory=dict)
     artifact_tests: list[ArtifactTest] = field(default_factory=list)  # one per artifact (flag rule 2.x)
 
     @property

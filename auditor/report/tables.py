@@ -101,6 +101,7 @@ def neuron_tests(neuron: NeuronResult, artifacts: list[str], thresholds: dict[st
     except ValueError:
         named = set()
     cis = getattr(neuron, "artifact_auroc_ci", None) or {}
+    boots = getattr(neuron, "artifact_auroc_ci_bootstrap", None) or {}
     for art in artifacts:
         if checked is not None and art not in checked:
             continue
@@ -116,7 +117,7 @@ def neuron_tests(neuron: NeuronResult, artifacts: list[str], thresholds: dict[st
             reason = (f"best formula does not name {art}" if art not in named
                       else f"best formula's AUROC {best.auroc:.3f} is below {min_auroc:g}")
         out[art] = {"status": status, "effect": effect, "effect_ci": list(ci) if ci else None,
-                    "effect_ci_bootstrap": None, "p_value": None,
+                    "effect_ci_bootstrap": list(boots[art]) if art in boots else None, "p_value": None,
                     "p_adjusted": best.p_adjusted if flag is not None or status == "near_miss" else None,
                     "branch": None, "direction": None, "n_artifact": None, "reason": reason}
     return out
