@@ -84,7 +84,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     import torch
 
     from . import invert
-    from .activations import build_transform, collect, state_hash
+    from .collect import build_transform, collect, state_hash
     from .data import check_artifacts, load_probe_set
     from .models import load_model, resolve_layer
     from .paired import neuron_paired, paired_effects_by_artifact
