@@ -189,3 +189,16 @@ def test_legacy_results_render_and_show_near_misses():
     assert "adjusted p 0.2 is above 0.01" in wm["near_misses"][0]["reason"]
     out = render_context(ctx)
     assert "not recorded" in out  # no parameter count in a 1.x file, said in words
+
+
+def test_flagged_interval_below_the_threshold_is_said(result):
+    layer = result.layers[0]
+    n = layer.neurons[12]
+    best = dataclasses.replace(n.best, auroc_ci=(0.62, 0.95))
+    neurons = list(layer.neurons)
+    neurons[12] = dataclasses.replace(n, explanations=[best, *n.explanations[1:]])
+    out = _html(dataclasses.replace(result, layers=[dataclasses.replace(layer, neurons=neurons), *result.layers[1:]]))
+    card = out[out.index('id="L0-n12"'):]
+    card = card[:card.index("</article>")]
+    assert "reaches 0.620, below the flag threshold 0.85" in card
+    assert "below the flag threshold" not in _html(result)

@@ -349,6 +349,9 @@ class _Builder:
                        if isinstance(v, dict)],
             "flagged": neuron.flagged,
             "beams": beams,
+            # a flagged neuron whose AUROC interval reaches below the flag threshold is said so
+            "ci_below": (self.auroc_threshold if neuron.flagged and best is not None and best.auroc_ci
+                         and _finite(self.auroc_threshold) and best.auroc_ci[0] < self.auroc_threshold else None),
         }
 
     def test_list(self, neuron: NeuronResult) -> list[dict[str, Any]]:
