@@ -103,7 +103,23 @@
     tools.hidden = false;
   }
 
+  // Printing from the browser: every card open on paper, as collapsed as before on screen.
+  function printOpensCards() {
+    var opened = [];
+    window.addEventListener("beforeprint", function () {
+      Array.prototype.forEach.call(document.querySelectorAll("details:not([open])"), function (d) {
+        d.open = true;
+        opened.push(d);
+      });
+    });
+    window.addEventListener("afterprint", function () {
+      opened.forEach(function (d) { d.open = false; });
+      opened = [];
+    });
+  }
+
   function init() {
+    printOpensCards();
     Array.prototype.forEach.call(document.querySelectorAll("table.neurons"), function (table) {
       if (!table.tHead || !table.tBodies.length) { return; }
       makeSortable(table);

@@ -260,6 +260,11 @@ def test_large_layer_stays_usable(browser, tmp_path):
         page.locator('.table-tools[data-table="neurons-0"] button[data-status="flagged"]').click()
         assert len(_column(page, "neurons-0", 0)) == 50
         # a collapsed card opens with one click on its title
+        # printing from the browser opens every card, and closes them again afterwards
+        page.evaluate("window.dispatchEvent(new Event('beforeprint'))")
+        assert page.locator("article.card details:not([open])").count() == 0
+        page.evaluate("window.dispatchEvent(new Event('afterprint'))")
+        assert page.locator("article.card details:not([open])").count() == 50 - CARDS_OPEN
         anchor = page.locator("article.card:has(details:not([open]))").first.get_attribute("id")
         card = page.locator(f"article#{anchor} details")
         assert card.get_attribute("open") is None
