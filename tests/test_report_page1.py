@@ -185,8 +185,11 @@ def test_legacy_results_render_and_show_near_misses():
     wm = next(v for v in ctx["verdict"] if v["name"] == "watermark")
     assert wm["counts"]["flagged"] == sum(1 for lyr in old.layers for x in lyr.neurons
                                           if any(f.artifact == "watermark" for f in x.flags))
-    assert wm["near_misses"][0]["neuron"] == 10
-    assert "adjusted p 0.2 is above 0.01" in wm["near_misses"][0]["reason"]
+    near = {nm["neuron"]: nm["reason"] for nm in wm["near_misses"] if "neuron" in nm}
+    assert "adjusted p 0.2 is above 0.01" in near[10]
+    # artifact-sensitive neurons without a flag are near misses too, with that reason
+    for i in (8, 14):
+        assert near[i].startswith("watermark alone reaches AUROC") and "does not name watermark" in near[i]
     out = render_context(ctx)
     assert "not recorded" in out  # no parameter count in a 1.x file, said in words
 

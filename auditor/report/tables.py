@@ -73,7 +73,8 @@ def neuron_tests(neuron: NeuronResult, artifacts: list[str], thresholds: dict[st
     older results they are derived from the flags: *flagged* when a flag names the
     artifact; *near miss* when the best formula names the artifact un-negated and
     reaches the AUROC threshold but is not flagged (the reason names the condition
-    that failed); *clean* otherwise. The effect is then the artifact's AUROC alone
+    that failed), or when the neuron is artifact-sensitive (the artifact alone passes
+    ``artifact_auroc``) without a flag; *clean* otherwise. The effect is then the artifact's AUROC alone
     with its DeLong interval. Dead neurons and neurons without a formula have none.
     """
     if neuron.status == "dead":
@@ -112,6 +113,10 @@ def neuron_tests(neuron: NeuronResult, artifacts: list[str], thresholds: dict[st
             status, reason = "flagged", flag.reason
         elif art in named and _finite(best.auroc) and best.auroc >= min_auroc:
             status, reason = "near_miss", _why_not(best, art, effect, thresholds)
+        elif art in (getattr(neuron, "sensitive", None) or []):
+            status = "near_miss"
+            reason = (f"{art} alone reaches AUROC {effect:.3f} (≥ {_thr(thresholds, 'artifact_auroc', 0.75):g}) "
+                      f"but the best formula does not name {art}")
         else:
             status = "clean"
             reason = (f"best formula does not name {art}" if art not in named
