@@ -60,3 +60,17 @@ def test_intervals_for_every_neuron_and_bootstrap_for_flagged(run, colour_probe)
     boot = n2.artifact_auroc_ci_bootstrap["stamp"]
     assert boot[0] <= n2.artifact_auroc["stamp"] <= boot[1] + 1e-12
     assert all(not n.artifact_auroc_ci_bootstrap for n in result.layers[0].neurons if not n.flags)
+
+
+def test_signoff_config_section(tmp_path):
+    from auditor.config import load_config
+    from auditor.errors import ConfigError
+
+    path = tmp_path / "audit.yaml"
+    path.write_text("signoff:\n  prepared_by: A. Lee\n  date: 2026-12-02\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.signoff.prepared_by == "A. Lee" and cfg.signoff.date == "2026-12-02"  # YAML date kept as text
+    assert cfg.signoff.reviewed_by is None
+    path.write_text("signoff:\n  reviwed_by: B\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"unknown key 'signoff.reviwed_by'.*reviewed_by"):
+        load_config(path)
