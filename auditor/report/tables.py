@@ -161,7 +161,7 @@ def median(values: list[float]) -> float | None:
 
 def flag_text(neuron: NeuronResult) -> str:
     """``watermark (formula); text_overlay (sensitive)``."""
-    return "; ".join(f"{f.artifact} ({f.rule})" for f in neuron.flags)
+    return "; ".join(f"{f.artifact} ({f.rule})" if getattr(f, "rule", None) else f.artifact for f in neuron.flags)
 
 
 def neuron_row(layer: LayerResult, neuron: NeuronResult, artifacts: list[str],
