@@ -6,16 +6,15 @@ built here; the template does all of it with autoescape on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
 from typing import Any
 
-import hashlib
-
 from ..results import AuditResult, Concept, Explanation, Flag, LayerResult, NeuronResult
 from . import figures
-from .env import data_image, fmt_num, fmt_pct, fmt_seconds
+from .env import data_image, fmt_num, fmt_seconds
 from .tables import (STATUS_ORDER, checked_artifacts, concept_usage, formula_atoms, median, neuron_row,
                      neuron_tests, worst_status)
 
@@ -26,10 +25,7 @@ MAX_CARDS = 100
 # top neurons by AUROC (the full table is in the HTML and neurons.csv).
 PDF_TABLE_LIMIT = 250
 MAX_TOP_IMAGES = 12
-# Per layer: artifact-sensitive (unflagged) neurons listed with a few images, and the
-# strongest unflagged neurons shown as reference cards.
-MAX_SENSITIVE_ROWS = 60
-SENSITIVE_IMAGES = 4
+# Per layer: the strongest neurons without a finding, shown as reference cards.
 N_REFERENCE = 3
 # With more flagged cards than CARDS_COLLAPSE_ABOVE, only the first CARDS_OPEN are open on
 # screen; the rest are collapsed (one click each). The PDF shows every card open.
@@ -299,15 +295,6 @@ class _Builder:
 
     def tokens(self, expl) -> list[dict[str, str]]:
         return formula_tokens(expl, self.concepts)
-
-    def flag_tokens(self, neuron: NeuronResult, flag: Flag) -> list[dict[str, str]]:
-        """A flag's formula as tokens: from the beam's AST when the flag names a beam formula."""
-        if not flag.formula:
-            return []
-        for expl in neuron.explanations:
-            if expl.formula == flag.formula:
-                return self.tokens(expl)
-        return self.tokens(flag)
 
     def figure(self, fn: Callable[..., str | None], *args, **kwargs) -> str | None:
         return fn(*args, **kwargs) if self.render_figures else None
