@@ -205,3 +205,15 @@ def test_flagged_interval_below_the_threshold_is_said(result):
     card = card[:card.index("</article>")]
     assert "reaches 0.620, below the flag threshold 0.85" in card
     assert "below the flag threshold" not in _html(result)
+
+
+def test_evidence_images_have_a_colour_scale_and_base_rates(result):
+    out = _html(result)
+    card = out[out.index('id="L0-n12"'):]
+    card = card[:card.index("</article>")]
+    assert 'class="colour-scale"' in card and "highest activation among these images" in card
+    n = result.layers[0].neurons[12]
+    shown = n.top_images[:12]
+    k = sum(1 for img in shown if "watermark" in img.artifacts)
+    assert f"Watermark: {k} of {len(shown)} top images (base rate 8.0%, {0.08 * len(shown):.2f} expected)" in card
+    assert card.count('class="thumb has-artifact"') == k
