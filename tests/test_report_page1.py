@@ -217,3 +217,11 @@ def test_evidence_images_have_a_colour_scale_and_base_rates(result):
     k = sum(1 for img in shown if "watermark" in img.artifacts)
     assert f"Watermark: {k} of {len(shown)} top images (base rate 8.0%, {0.08 * len(shown):.2f} expected)" in card
     assert card.count('class="thumb has-artifact"') == k
+
+
+def test_explain_results_identify_the_activations_file(result):
+    prov = {"activations": {"path": "acts.npy", "sha256": "cd34" * 16, "shape": [5000, 40]},
+            "data": {"n_images": 5000}}
+    page1 = _page1(_html(dataclasses.replace(result, provenance=prov, config={"activations": "acts.npy"})))
+    assert "activations given directly (auditor explain)" in page1
+    assert "sha256 of activations file" in page1 and "cd34" * 16 in page1 and "Activations file" in page1

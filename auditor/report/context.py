@@ -472,6 +472,11 @@ class _Builder:
         sha_of = model.get("sha256_of") or ("weights file" if model.get("weights_sha256") else None)
         params = model.get("parameters") or model.get("n_parameters")
         weights = model.get("weights") or (cfg.get("weights") if isinstance(cfg.get("weights"), str) else None)
+        acts = prov.get("activations") if isinstance(prov.get("activations"), dict) else None
+        if not model and acts:  # `auditor explain`: no model, the activations file is what was audited
+            arch = arch or "activations given directly (auditor explain)"
+            weights = weights or acts.get("path")
+            sha, sha_of = sha or acts.get("sha256"), sha_of or "activations file"
         data = prov.get("data") if isinstance(prov.get("data"), dict) else {}
         source = cfg.get("images") if isinstance(cfg.get("images"), str) else None
         source = data.get("source") or source or data.get("probe_set") or data.get("name") or data.get("images")
