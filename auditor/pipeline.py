@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings as _pywarnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .config import AuditConfig
-from .errors import ConfigError, DataError
+from .errors import AuditorWarning, ConfigError, DataError
 from .flags import PartEvidence, Thresholds, flag_neuron
 from .results import (SCHEMA_VERSION, AuditResult, Concept, Distribution, Explanation, LayerResult,
                       NeuronResult, TopImage)
@@ -62,7 +63,77 @@ def resolve_preprocessing(cfg: AuditConfig, default):
         source += "; normalisation off"
     return Preprocessing(resize=cfg.resize if cfg.resize is not None else default.resize,
                          crop=cfg.crop if cfg.crop is not None else default.crop,
-                         mean=mean, std=std, source=source)
+                         mean=mean, std=std, source=source,
+                         interpolation=getattr(default, "interpolation", "bilinear"))
+
+
+UPSCALE_SAMPLE = 2000  # images whose size is read (evenly spaced) to tell whether preprocessing enlarges them
+
+
+def preprocessing_notes(cfg: AuditConfig, pre, default, probe) -> tuple[list[str], dict[str, Any]]:
+    """Preprocessing decisions the user did not state, as sentences, and what was found in the images.
+
+    Normalisation assumed (from the model's defaults) or off (a model that declares
+    none, with no --mean/--std); resize and crop taken from the model's defaults;
+    probe images smaller than the model input, which the transform enlarges (or a
+    crop pads).
+    """
+    notes: list[str] = []
+    normalisation_given = cfg.mean is not None or cfg.std is not None or not cfg.normalize
+    if not normalisation_given:
+        if pre.mean is None:
+            notes.append(f"no normalisation: neither --mean/--std nor the model ({default.source}) gives one, so "
+                         "images reach the model as plain [0, 1] RGB; pass --mean/--std (ImageNet: "
+                         "0.485,0.456,0.406 / 0.229,0.224,0.225) if it was trained on normalised images, or "
+                         "--no-normalize to confirm [0, 1]")
+        else:
+            notes.append(f"normalisation assumed from {default.source}: mean {list(pre.mean)}, std {list(pre.std)}; "
+                         "pass --mean/--std or --no-normalize to change it")
+    if cfg.resize is None and cfg.crop is None and (pre.resize or pre.crop):
+        steps = " and ".join(s for s in (f"resize {pre.resize}" if pre.resize else "",
+                                         f"centre crop {pre.crop}" if pre.crop else "") if s)
+        notes.append(f"{steps} assumed from {default.source}; pass --resize/--crop to change them")
+    found: dict[str, Any] = {}
+    target = pre.resize or pre.crop
+    if target and len(probe):
+        n = len(probe)
+        in_memory = hasattr(probe, "load")  # a Dataset's items may be costly: look at fewer
+        rows = sorted({int(i) for i in np.linspace(0, n - 1, min(n, 64 if in_memory else UPSCALE_SAMPLE))})
+        small, sizes = 0, []
+        for i in rows:
+            side = _shorter_side(probe, i)
+            if side is None:  # unreadable images are reported by the collection
+                continue
+            sizes.append(side)
+            small += side < target
+        if small:
+            how = f"resized up to {pre.resize} px (shorter side)" if pre.resize else \
+                f"padded to the {pre.crop} px centre crop"
+            where = "of the probe images" if len(rows) == n else f"of {len(rows)} probe images sampled"
+            notes.append(f"{small} {where} are smaller than the model input (shortest side {min(sizes)} px) and are "
+                         f"{how}; small artifacts are blurred by upscaling: probe at the model's input size, or "
+                         "pass --resize/--crop to choose")
+        found = {"images_checked": len(rows), "images_enlarged": int(small), "smallest_side": min(sizes) if sizes
+                 else None}
+    return notes, found
+
+
+def _shorter_side(probe, i: int) -> int | None:
+    """The shorter side in pixels of probe image ``i`` (a file's header, or an in-memory image), or None."""
+    try:
+        if hasattr(probe, "load"):
+            x = probe.load(i)
+            if hasattr(x, "size") and not callable(x.size):  # PIL
+                return int(min(x.size))
+            shape = tuple(x.shape)
+            hw = shape[-2:] if len(shape) == 3 and shape[0] in (1, 3, 4) else shape[:2]
+            return int(min(hw))
+        from PIL import Image
+
+        with Image.open(probe.full_path(i)) as im:
+            return int(min(im.size))
+    except Exception:
+        return None
 
 
 def _check_paths(cfg: AuditConfig) -> None:
@@ -75,31 +146,11 @@ def _check_paths(cfg: AuditConfig) -> None:
         raise ConfigError(f"--out {cfg.out} exists and is not a folder")
 
 
-def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) -> AuditResult | None:
-    """Audit the layers of one model on one probe set; return the result (writes nothing but the cache).
+def load_probe(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) -> tuple[Any, dict | None]:
+    """The probe set of ``cfg`` (synthesising artifact copies first when ``synth`` asks), and the
+    synth record for the provenance (None without synth). ``auditor watch`` loads it once."""
+    from .data import load_probe_set
 
-    Returns None on the worker ranks of a distributed (torchrun) run: they only
-    collect their shard of the activations; rank 0 explains and reports.
-    """
-    import torch
-
-    from . import invert
-    from .collect import build_transform, collect, state_hash
-    from .data import check_artifacts, load_probe_set
-    from .models import load_model, resolve_layer
-    from .paired import neuron_paired, paired_effects_by_artifact
-
-    t_all = time.perf_counter()
-    timings: dict[str, float] = {}
-    if not cfg.model:
-        raise ConfigError("no model given: pass --model (a torchvision name, package.module:callable, "
-                          "file.py:callable or a TorchScript file)")
-    if not cfg.layer:
-        raise ConfigError("no layer given: pass --layer NAME (list the names with `auditor layers MODEL`)")
-    _check_paths(cfg)
-    warnings: list[str] = []
-
-    t = time.perf_counter()
     images, labels, fmt = cfg.images, cfg.labels, cfg.labels_format
     synth_info = None
     if cfg.synth:
@@ -114,34 +165,79 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
         images, labels, fmt = made.images, made.labels, "long"
         synth_info = {"dir": str(made.out), "counts": made.n_synth, "reused": made.reused} \
             | cfg.synth.model_dump(mode="json")
-    probe = load_probe_set(images, labels, labels_format=fmt, hierarchy=cfg.hierarchy)
+    return load_probe_set(images, labels, labels_format=fmt, hierarchy=cfg.hierarchy), synth_info
+
+
+def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, model: Any = None,
+              probe: Any = None, synth_info: dict | None = None) -> AuditResult | None:
+    """Audit the layers of one model on one probe set; return the result (writes nothing but the cache).
+
+    ``model`` (a :class:`~auditor.models.LoadedModel`) replaces loading ``cfg.model``
+    and ``cfg.weights``; ``probe`` (a :class:`~auditor.data.ProbeSet`, possibly one
+    whose images live in memory) replaces loading ``cfg.images``/``cfg.labels``.
+    The Python API (:mod:`auditor.api`) and ``auditor watch`` pass them.
+
+    Returns None on the worker ranks of a distributed (torchrun) run: they only
+    collect their shard of the activations; rank 0 explains and reports.
+    """
+    import torch
+
+    from . import invert
+    from .collect import build_transform, collect, state_hash
+    from .data import check_artifacts
+    from .models import load_model, resolve_layer
+    from .paired import neuron_paired, paired_effects_by_artifact
+
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    if not cfg.model and model is None:
+        raise ConfigError("no model given: pass --model (a torchvision name, package.module:callable, "
+                          "file.py:callable or a TorchScript file)")
+    if not cfg.layer:
+        raise ConfigError("no layer given: pass --layer NAME (list the names with `auditor layers MODEL`)")
+    _check_paths(cfg)
+    warnings: list[str] = []
+
+    t = time.perf_counter()
+    if probe is None:
+        probe, synth_info = load_probe(cfg, log=log, progress=progress)
     check_artifacts(probe, cfg.artifacts)
     warnings.extend(probe.warnings)
     timings["load_data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    loaded = load_model(cfg.model, cfg.weights)
+    loaded = model if model is not None else load_model(cfg.model, cfg.weights)
     if loaded.info.get("warning"):
         warnings.append(loaded.info["warning"])
     layers = cfg.layers
     for name in layers:
         resolve_layer(loaded.module, name)
     pre = resolve_preprocessing(cfg, loaded.default_preprocessing)
+    pre_notes, pre_found = preprocessing_notes(cfg, pre, loaded.default_preprocessing, probe)
+    for note in pre_notes:
+        log(f"warning: {note}")
+    warnings.extend(pre_notes)
     geometry, transform = build_transform(pre, cfg.normalize)
+    if hasattr(probe, "input_transform"):  # images held in memory (auditor.audit with a Dataset)
+        transform = probe.input_transform(transform)
     model_hash = state_hash(loaded.module)  # what the cache key needs: the weights actually loaded
     timings["load_model_s"] = time.perf_counter() - t
 
-    collected = collect(loaded.module, layers, probe, transform=transform, transform_desc=pre.plain(),
-                        model_hash=f"{type(loaded.module).__name__}|{model_hash}",
-                        reduction=cfg.reduction, batch_size=cfg.batch_size, workers=cfg.workers,
-                        device=cfg.device, top_k=cfg.top_k, cache_dir=None if cfg.no_cache else cfg.cache_path,
-                        on_bad_image=cfg.on_bad_image, log=log, progress=progress, precision=cfg.precision,
-                        channels_last=cfg.channels_last, compile=cfg.compile, pin_memory=cfg.pin_memory,
-                        prefetch_factor=cfg.prefetch_factor, decode=cfg.decode, preprocessing=pre,
-                        normalize=cfg.normalize, fingerprint=cfg.fingerprint, chunk_size=cfg.chunk_size)
+    with _pywarnings.catch_warnings():  # collect's warnings reach the log and the results: not twice
+        _pywarnings.simplefilter("ignore", AuditorWarning)
+        collected = collect(loaded.module, layers, probe, transform=transform, transform_desc=pre.plain(),
+                            model_hash=f"{type(loaded.module).__name__}|{model_hash}",
+                            reduction=cfg.reduction, batch_size=cfg.batch_size, workers=cfg.workers,
+                            device=cfg.device, top_k=cfg.top_k, cache_dir=None if cfg.no_cache else cfg.cache_path,
+                            on_bad_image=cfg.on_bad_image, log=log, progress=progress, precision=cfg.precision,
+                            channels_last=cfg.channels_last, compile=cfg.compile, pin_memory=cfg.pin_memory,
+                            prefetch_factor=cfg.prefetch_factor, decode=cfg.decode, preprocessing=pre,
+                            normalize=cfg.normalize, fingerprint=cfg.fingerprint, chunk_size=cfg.chunk_size,
+                            token_layout=cfg.token_layout)
     if collected is None:  # a worker rank of a distributed run: rank 0 explains and reports
         return None
     timings["activations_s"] = collected.seconds
+    warnings.extend(collected.warnings)
     if collected.bad:
         warnings.append(f"{len(collected.bad)} unreadable image(s) skipped: "
                         + ", ".join(p for p, _ in collected.bad[:10]) + (" …" if len(collected.bad) > 10 else ""))
@@ -193,7 +289,10 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     provenance: dict[str, Any] = {
         "model": loaded.provenance(),
         "layers": layers,
-        "preprocessing": pre.plain(),
+        # how each layer was captured: output kind, where it held the batch, how often its module runs
+        "capture": {name: {"kind": la.kind, "layout": la.layout, "module_calls": la.calls}
+                    for name, la in collected.layers.items()},
+        "preprocessing": pre.plain() | {"notes": pre_notes, **pre_found},
         # The collection already fingerprinted every image: reuse it instead of a second stat per image.
         "data": probe.provenance(collected.cache.get("images_fingerprint")) | {
                                       # the folders as the user gave them (with synth, "images" is the cache copy)
@@ -387,7 +486,10 @@ def _top_images(k, layer_acts, probe, row_of, artifacts, geometry, views_fn, thu
         maps = {int(r): layer_acts.top_maps[j, k].astype(np.float32)
                 for j, r in enumerate(layer_acts.top_index[:, k])}
     vmax = max((float(m.max()) for m in maps.values()), default=0.0) if maps else 0.0
-    views = views_fn([probe.full_path(r) for r in rows], geometry)
+    if hasattr(probe, "views"):  # images in memory (a torch Dataset given to auditor.audit)
+        views = probe.views(rows, geometry)
+    else:
+        views = views_fn([probe.full_path(r) for r in rows], geometry)
     out = []
     for r, view in zip(rows, views):
         present = probe.row_concepts(r)
