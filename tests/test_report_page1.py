@@ -225,3 +225,16 @@ def test_explain_results_identify_the_activations_file(result):
     page1 = _page1(_html(dataclasses.replace(result, provenance=prov, config={"activations": "acts.npy"})))
     assert "activations given directly (auditor explain)" in page1
     assert "sha256 of activations file" in page1 and "cd34" * 16 in page1 and "Activations file" in page1
+
+
+def test_notebook_view_shows_the_same_verdict(result, ctx):
+    from auditor.report.notebook import notebook_document
+
+    doc = notebook_document(result)
+    assert ctx["overall"]["action"].replace("'", "&#39;") in doc
+    for v in ctx["verdict"]:
+        if v["status"] != "not_checked":
+            c = v["counts"]
+            assert (f"{c['flagged']} flagged · {c['near_miss']} near miss · {c['inconclusive']} inconclusive · "
+                    f"{c['clean']} clean") in doc
+    assert "8.4% of predictions flip (control 0.6%)" in doc
