@@ -286,7 +286,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
         effects = paired_effects_by_artifact(A, used.pairs, list(cfg.artifacts), used.clean_rows)
         if effects:
             neurons = [_replace(n, paired=neuron_paired(effects, n.index)) for n in neurons]
-        neurons = _add_evidence(neurons, A, Yu, names, layer_acts, probe, row_of, cfg, geometry)
+        neurons = _add_evidence(neurons, A, Yu, names, layer_acts, probe, row_of, cfg, geometry, Y_art=Y_art)
         timings["evidence_s"] += time.perf_counter() - t
         dead = sum(1 for n in neurons if n.status == "dead")
         if dead:
@@ -313,8 +313,11 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
         "preprocessing": pre.plain() | {"notes": pre_notes, **pre_found},
         # The collection already fingerprinted every image: reuse it instead of a second stat per image.
         "data": probe.provenance(collected.cache.get("images_fingerprint")) | {
+                                      # the folders as the user gave them (with synth, "images" is the cache copy)
+                                      "source": cfg.images, "labels_source": cfg.labels,
                                       "n_used": int(N), "n_unreadable": len(collected.bad),
                                       **({"synth": synth_info} if synth_info else {})},
+        "search": search_size(len(names), cfg, [len(r.neurons) for r in results]),
         "device": collected.device,
         "precision": collected.precision,
         "batch_size_used": collected.batch_size,
@@ -331,7 +334,8 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
                        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                        title=title, config=cfg.plain(), provenance=provenance, thresholds=thresholds.plain(),
                        concepts=concepts, artifacts=list(cfg.artifacts), layers=results, warnings=warnings,
-                       impact=impacts)
+                       impact=impacts,
+                       signoff=cfg.signoff.model_dump(mode="json") if cfg.signoff is not None else None)
 
 
 def _with_impact_pairs(layers: list[LayerResult], paired: dict[str, dict]) -> list[LayerResult]:
@@ -383,8 +387,28 @@ def _impact(cfg: AuditConfig, loaded, layers: list[LayerResult], probe, keep_row
                       paired=paired, cache_dir=None if cfg.no_cache else cfg.cache_path, cache_id=cache_id)
 
 
-def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry):
-    """Histograms, bootstrap CIs and top images for flagged, sensitive and the strongest neurons."""
+def search_size(n_concepts: int, cfg: AuditConfig, layer_sizes: list[int]) -> dict[str, Any]:
+    """How much INVERT searched, for the method section (docs/invert.md, "Search").
+
+    Per neuron: the 2C atoms at length 1, then at each further length every beam
+    formula combined with every pool atom by AND and by OR. Trivial and inadmissible
+    combinations are dropped, so this is an upper bound on the formulas scored.
+    """
+    atoms = 2 * n_concepts
+    pool = min(cfg.limit_search, atoms) if cfg.limit_search else atoms
+    per_neuron = atoms + max(cfg.length - 1, 0) * cfg.beam * pool * 2
+    return {"concepts": n_concepts, "atoms": atoms, "pool": pool, "length": cfg.length, "beam": cfg.beam,
+            "formulas_per_neuron": per_neuron, "neurons": int(sum(layer_sizes)),
+            "formulas_total": per_neuron * int(sum(layer_sizes)),
+            "in_sample": cfg.heldout is None, "heldout": cfg.heldout}
+
+
+def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry,
+                  Y_art=None):
+    """Histograms, bootstrap CIs and top images for flagged, sensitive and the strongest neurons.
+
+    Flagged neurons also get a bootstrap interval of each flagged artifact's AUROC
+    (every neuron already has the analytic DeLong one)."""
     from . import invert
     from .evidence import bootstrap_auroc_ci, data_uri, histogram, overlay, thumbnail, top_image_views
 
@@ -405,9 +429,18 @@ def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, 
             if n.flags and cfg.bootstrap:
                 ci = bootstrap_auroc_ci(a, y, n_resamples=cfg.bootstrap, seed=cfg.seed)
                 exps[0] = _replace(exps[0], auroc_ci=ci)
+        boot = {}
+        if n.flags and cfg.bootstrap and Y_art is not None:
+            for f in n.flags:
+                if f.artifact in cfg.artifacts:
+                    ci = bootstrap_auroc_ci(a, Y_art[:, list(cfg.artifacts).index(f.artifact)],
+                                            n_resamples=cfg.bootstrap, seed=cfg.seed)
+                    if ci is not None:
+                        boot[f.artifact] = (float(ci[0]), float(ci[1]))
         tops = _top_images(n.index, layer_acts, probe, row_of, cfg.artifacts, geometry,
                            top_image_views, thumbnail, overlay, data_uri)
-        neurons[i] = _replace(n, explanations=exps, distribution=dist, top_images=tops)
+        neurons[i] = _replace(n, explanations=exps, distribution=dist, top_images=tops,
+                              artifact_auroc_ci_bootstrap=boot)
     return neurons
 
 
@@ -495,8 +528,12 @@ def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], Y_a
     """INVERT output + artifact AUROCs + flagging rules -> one NeuronResult per neuron."""
     from . import invert
 
+    from .delong import delong_ci
+
     Y_art = np.asarray(Y_art, dtype=bool)
     art_auroc = invert.auroc(A, Y_art) if artifacts else np.zeros((A.shape[1], 0))
+    # Analytic (DeLong) 95% interval of each artifact's AUROC, for every neuron at once.
+    art_ci = {art: delong_ci(A, Y_art[:, i])[1:] for i, art in enumerate(artifacts)}
     neurons: list[NeuronResult] = []
     for ne in explained:
         k = ne.index
@@ -504,6 +541,8 @@ def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], Y_a
         exps = [_explanation(f) for f in ne.formulas]
         beams = [[_explanation(f) for f in beam] for beam in ne.beams] if ne.beams else None
         aa = {art: float(art_auroc[k, i]) for i, art in enumerate(artifacts)}
+        aa_ci = {art: (float(lo[k]), float(hi[k])) for art, (lo, hi) in art_ci.items()
+                 if np.isfinite(lo[k]) and np.isfinite(hi[k])}
         best = exps[0] if exps else None
 
         def part(art: str, best=best, a=a) -> PartEvidence:
@@ -523,7 +562,8 @@ def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], Y_a
         stats = {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max()),
                  "frac_zero": float((a == 0).mean())}
         neurons.append(NeuronResult(index=k, status=ne.status, explanations=exps, artifact_auroc=aa,
-                                    flags=flags, sensitive=sensitive, stats=stats, beams=beams))
+                                    flags=flags, sensitive=sensitive, stats=stats, beams=beams,
+                                    artifact_auroc_ci=aa_ci))
     return neurons
 
 

@@ -234,6 +234,27 @@ class Distribution(_Record):
 
 
 @dataclass(frozen=True)
+class ArtifactTest(_Record):
+    """One artifact's test on one neuron (the flag rule's verdict and its numbers).
+
+    ``status``: "flagged" | "near_miss" | "inconclusive" | "clean"; ``reason`` is one
+    plain sentence (why flagged, or the failed condition and its number).
+    """
+
+    artifact: str
+    status: str
+    branch: str | None = None  # "formula" | "strong" | None
+    direction: str | None = None  # "raises" | "lowers" | None
+    effect: float | None = None  # stratified AUROC of the artifact (0.5 = none)
+    effect_ci: tuple[float, float] | None = None  # analytic (DeLong) interval
+    p_value: float | None = None
+    p_adjusted: float | None = None
+    n_artifact: int | None = None  # probe images carrying the artifact
+    reason: str = ""
+    effect_ci_bootstrap: tuple[float, float] | None = None  # flagged neurons only
+
+
+@dataclass(frozen=True)
 class NeuronResult(_Record):
     index: int  # 0-based channel
     status: str  # "ok" | "dead"
@@ -248,6 +269,11 @@ class NeuronResult(_Record):
     # Paired with/without-artifact effect (synthesised artifacts): per artifact
     # {"n_pairs", "mean_diff_sd", "frac_rise", "wilcoxon_p"}.
     paired: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per artifact: analytic (DeLong) 95% interval of ``artifact_auroc``, for every neuron.
+    artifact_auroc_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Per flagged artifact: percentile bootstrap 95% interval of ``artifact_auroc``.
+    artifact_auroc_ci_bootstrap: dict[str, tuple[float, float]] = field(default_factory=dict)
+    artifact_tests: list[ArtifactTest] = field(default_factory=list)  # one per artifact (flag rule 2.x)
 
     @property
     def best(self) -> Explanation | None:
@@ -313,6 +339,7 @@ class ArtifactImpact(_Record):
     n_labelled: int = 0
     examples: list[dict[str, Any]] = field(default_factory=list)  # flagged neurons: clean/pasted pairs
     seconds: float | None = None
+    n_pairs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -328,7 +355,11 @@ class AuditResult(_Record):
     artifacts: list[str]
     layers: list[LayerResult]
     warnings: list[str] = field(default_factory=list)
-    impact: list[ArtifactImpact] = field(default_factory=list)  # auditor.impact, one per tested artifact
+    rule_version: str | None = None  # version of the flag rule that produced the flags
+    calibration: dict[str, Any] | None = None  # the flag rule's calibration, when run
+    impact: list[ArtifactImpact] = field(default_factory=list)  # per artifact, when measured
+    dora: Any = None  # DORA outlier analysis, when run
+    signoff: dict[str, Any] | None = None  # prepared_by, reviewed_by, decision, date (config `signoff:`)
 
     # -- convenience -------------------------------------------------------
     def flagged_neurons(self, layer: LayerResult | None = None) -> list[NeuronResult]:

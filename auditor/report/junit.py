@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..results import AuditResult, LayerResult
 from .env import fmt_auroc, fmt_pct, fmt_pvalue
+from .tables import neuron_tests
 
 
 def _case_name(artifact: str) -> str:
@@ -37,17 +38,18 @@ def _evidence(layer: LayerResult, artifact: str) -> tuple[set[int], list[str]]:
             if f.artifact != artifact:
                 continue
             best = n.best
-            parts = [
-                f"neuron {n.index}: {f.formula}",
-                f"rule={f.rule}",
-                f"AUROC={fmt_auroc(f.auroc)}",
-                f"adjusted p={fmt_pvalue(f.p_adjusted)}",
-                f"artifact alone AUROC={fmt_auroc(f.artifact_auroc)}",
-            ]
-            if f.auroc_without_artifact is not None:
-                parts.append(f"without artifact AUROC={fmt_auroc(f.auroc_without_artifact)}")
-            if f.margin is not None:
-                parts.append(f"margin={fmt_auroc(f.margin)}")
+            get = lambda key, f=f: getattr(f, key, None)  # noqa: E731 - flag fields differ across rule versions
+            parts = [f"neuron {n.index}: {get('formula') or (best.formula if best else '')}"]
+            if get("rule"):
+                parts.append(f"rule={get('rule')}")
+            parts += [f"AUROC={fmt_auroc(get('auroc') if get('auroc') is not None else (best and best.auroc))}",
+                      f"adjusted p={fmt_pvalue(get('p_adjusted'))}"]
+            if get("artifact_auroc") is not None:
+                parts.append(f"artifact alone AUROC={fmt_auroc(get('artifact_auroc'))}")
+            if get("auroc_without_artifact") is not None:
+                parts.append(f"without artifact AUROC={fmt_auroc(get('auroc_without_artifact'))}")
+            if get("margin") is not None:
+                parts.append(f"margin={fmt_auroc(get('margin'))}")
             if best is not None:
                 parts.append(f"support={best.support} ({fmt_pct(best.fraction)})")
                 if best.heldout_auroc is not None:
@@ -87,11 +89,19 @@ def junit_tree(result: AuditResult) -> ET.ElementTree:
                 reason = excluded[artifact].reason or "no reason recorded"
                 ET.SubElement(case, "skipped", message=_x(f"artifact concept excluded: {reason}"))
                 s_skip += 1
-            sensitive = [n.index for n in layer.neurons if artifact in n.sensitive]
-            if sensitive:
+            close = []
+            for n in layer.neurons:
+                t = neuron_tests(n, result.artifacts, result.thresholds).get(artifact)
+                if t is not None and t["status"] in ("near_miss", "inconclusive"):
+                    close.append(f"neuron {n.index} ({t['status'].replace('_', ' ')}): {t['reason']}")
+            sensitive = [n.index for n in layer.neurons if artifact in (getattr(n, "sensitive", None) or [])]
+            if close or sensitive:
                 out = ET.SubElement(case, "system-out")
-                out.text = "artifact-sensitive neurons (artifact alone passes the AUROC threshold): " + ", ".join(
-                    str(i) for i in sensitive)
+                text = ["near misses and inconclusive neurons (not flagged):", *close] if close else []
+                if sensitive:
+                    text.append("artifact-sensitive neurons (artifact alone passes the AUROC threshold): "
+                                + ", ".join(str(i) for i in sensitive))
+                out.text = _x("\n".join(text))
         suite.set("tests", str(len(result.artifacts)))
         suite.set("failures", str(s_fail))
         suite.set("errors", "0")
