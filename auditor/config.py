@@ -57,6 +57,41 @@ class SynthSection(BaseModel):
         return value
 
 
+class SignoffSection(BaseModel):
+    """``signoff:`` — who prepared and reviewed the audit and what was decided (printed on page 1).
+
+    Any field left out stays a blank line to fill in on the printed report.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prepared_by: str | None = Field(None, description="who ran the audit")
+    reviewed_by: str | None = Field(None, description="who reviewed it")
+    decision: str | None = Field(None, description="the decision taken, e.g. 'release blocked until retrained'")
+    date: str | None = Field(None, description="date of the decision (free text, e.g. 2026-12-02)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        # --signoff "prepared_by=A. Lee; reviewed_by=B. Chen" on the command line
+        if isinstance(value, str):
+            out: dict[str, str] = {}
+            for part in value.split(";"):
+                if not part.strip():
+                    continue
+                key, sep, val = part.partition("=")
+                if not sep:
+                    raise ValueError(f"expected key=value pairs separated by ';', got {part.strip()!r}")
+                out[key.strip()] = val.strip()
+            return out
+        return value
+
+    @field_validator("date", mode="before")
+    @classmethod
+    def _date_text(cls, value: Any) -> Any:
+        return value.isoformat() if hasattr(value, "isoformat") else value  # YAML reads 2026-12-02 as a date
+
+
 def _synth_value(value: Any) -> Any:
     """``--synth`` on the command line: YAML (``{artifacts: [watermark], fraction: 0.3}``) or a list of names."""
     if isinstance(value, str):
@@ -185,6 +220,8 @@ class AuditConfig(BaseModel):
     out: str = Field("audit-report", description="output folder")
     top_k: int = Field(9, ge=0, le=64, description="top-activating images kept per neuron")
     title: str | None = Field(None, description="report title")
+    signoff: SignoffSection | None = Field(None, description="sign-off block on page 1: prepared_by, reviewed_by, "
+                                           "decision, date (YAML mapping, or 'key=value; key=value')")
     formats: tuple[Literal["html", "pdf", "json", "csv", "junit"], ...] = Field(
         ("html", "pdf", "json", "csv", "junit"), description="outputs to write")
 
@@ -264,9 +301,10 @@ def _format_error(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
-        if err["type"] == "extra_forbidden" and len(err["loc"]) > 1 and err["loc"][0] == "synth":
-            key = str(err["loc"][-1])
-            parts.append(f"unknown key 'synth.{key}' in {source}{did_you_mean(key, SynthSection.model_fields)}")
+        if err["type"] == "extra_forbidden" and len(err["loc"]) > 1 and err["loc"][0] in ("synth", "signoff"):
+            key, section = str(err["loc"][-1]), str(err["loc"][0])
+            known = (SynthSection if section == "synth" else SignoffSection).model_fields
+            parts.append(f"unknown key '{section}.{key}' in {source}{did_you_mean(key, known)}")
             continue
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][0])

@@ -282,7 +282,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
         effects = paired_effects_by_artifact(A, used.pairs, list(cfg.artifacts), used.clean_rows)
         if effects:
             neurons = [_replace(n, paired=neuron_paired(effects, n.index)) for n in neurons]
-        neurons = _add_evidence(neurons, A, Yu, names, layer_acts, probe, row_of, cfg, geometry)
+        neurons = _add_evidence(neurons, A, Yu, names, layer_acts, probe, row_of, cfg, geometry, Y_art=Y_art)
         timings["evidence_s"] += time.perf_counter() - t
         dead = sum(1 for n in neurons if n.status == "dead")
         if dead:
@@ -309,8 +309,11 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
         "preprocessing": pre.plain() | {"notes": pre_notes, **pre_found},
         # The collection already fingerprinted every image: reuse it instead of a second stat per image.
         "data": probe.provenance(collected.cache.get("images_fingerprint")) | {
+                                      # the folders as the user gave them (with synth, "images" is the cache copy)
+                                      "source": cfg.images, "labels_source": cfg.labels,
                                       "n_used": int(N), "n_unreadable": len(collected.bad),
                                       **({"synth": synth_info} if synth_info else {})},
+        "search": search_size(len(names), cfg, [len(r.neurons) for r in results]),
         "device": collected.device,
         "precision": collected.precision,
         "batch_size_used": collected.batch_size,
@@ -328,7 +331,8 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
                        title=title, config=cfg.plain(), provenance=provenance,
                        thresholds=thresholds_plain(cfg, len(names)),
                        concepts=concepts, artifacts=list(cfg.artifacts), layers=results, warnings=warnings,
-                       rule_version=RULE_VERSION, calibration=calibration, impact=impacts)
+                       rule_version=RULE_VERSION, calibration=calibration, impact=impacts,
+                       signoff=cfg.signoff.model_dump(mode="json") if cfg.signoff is not None else None)
 
 
 def _with_impact_pairs(layers: list[LayerResult], paired: dict[str, dict]) -> list[LayerResult]:
@@ -380,8 +384,28 @@ def _impact(cfg: AuditConfig, loaded, layers: list[LayerResult], probe, keep_row
                       paired=paired, cache_dir=None if cfg.no_cache else cfg.cache_path, cache_id=cache_id)
 
 
-def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry):
-    """Histograms, bootstrap CIs and top images for flagged, near-miss and the strongest neurons."""
+def search_size(n_concepts: int, cfg: AuditConfig, layer_sizes: list[int]) -> dict[str, Any]:
+    """How much INVERT searched, for the method section (docs/invert.md, "Search").
+
+    Per neuron: the 2C atoms at length 1, then at each further length every beam
+    formula combined with every pool atom by AND and by OR. Trivial and inadmissible
+    combinations are dropped, so this is an upper bound on the formulas scored.
+    """
+    atoms = 2 * n_concepts
+    pool = min(cfg.limit_search, atoms) if cfg.limit_search else atoms
+    per_neuron = atoms + max(cfg.length - 1, 0) * cfg.beam * pool * 2
+    return {"concepts": n_concepts, "atoms": atoms, "pool": pool, "length": cfg.length, "beam": cfg.beam,
+            "formulas_per_neuron": per_neuron, "neurons": int(sum(layer_sizes)),
+            "formulas_total": per_neuron * int(sum(layer_sizes)),
+            "in_sample": cfg.heldout is None, "heldout": cfg.heldout}
+
+
+def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry,
+                  Y_art=None):
+    """Histograms, bootstrap CIs and top images for flagged, near-miss and the strongest neurons.
+
+    Flagged neurons also get a bootstrap interval of each flagged artifact's AUROC
+    (every neuron already has the analytic DeLong one)."""
     from . import invert
     from .evidence import bootstrap_auroc_ci, data_uri, histogram, overlay, thumbnail, top_image_views
 
@@ -403,9 +427,18 @@ def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, 
             if n.flags and cfg.bootstrap:
                 ci = bootstrap_auroc_ci(a, y, n_resamples=cfg.bootstrap, seed=cfg.seed)
                 exps[0] = _replace(exps[0], auroc_ci=ci)
+        boot = {}
+        if n.flags and cfg.bootstrap and Y_art is not None:
+            for f in n.flags:
+                if f.artifact in cfg.artifacts:
+                    ci = bootstrap_auroc_ci(a, Y_art[:, list(cfg.artifacts).index(f.artifact)],
+                                            n_resamples=cfg.bootstrap, seed=cfg.seed)
+                    if ci is not None:
+                        boot[f.artifact] = (float(ci[0]), float(ci[1]))
         tops = _top_images(n.index, layer_acts, probe, row_of, cfg.artifacts, geometry,
                            top_image_views, thumbnail, overlay, data_uri)
-        neurons[i] = _replace(n, explanations=exps, distribution=dist, top_images=tops)
+        neurons[i] = _replace(n, explanations=exps, distribution=dist, top_images=tops,
+                              artifact_auroc_ci_bootstrap=boot)
     return neurons
 
 
@@ -578,9 +611,13 @@ def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], neg
     per neuron (no flags yet: :func:`explain_layers` decides them over the whole audit)."""
     from . import invert
 
+    from .delong import delong_ci
+
     Y_art = np.column_stack([invert.evaluate(c, Yu, names) for c in artifacts]) if artifacts \
         else np.zeros((A.shape[0], 0), dtype=bool)
     art_auroc = invert.auroc(A, Y_art) if artifacts else np.zeros((A.shape[1], 0))
+    # Analytic (DeLong) 95% interval of each artifact's AUROC alone, for every neuron at once.
+    art_ci = {art: delong_ci(A, Y_art[:, i])[1:] for i, art in enumerate(artifacts)}
     neg_of = {ne.index: ne for ne in (negative or [])}
     neurons: list[NeuronResult] = []
     for ne in explained:
@@ -591,10 +628,12 @@ def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], neg
         neg = neg_of.get(k)
         negs = [_explanation(f) for f in neg.formulas] if neg is not None else []
         aa = {art: float(art_auroc[k, i]) for i, art in enumerate(artifacts)}
+        aa_ci = {art: (float(lo[k]), float(hi[k])) for art, (lo, hi) in art_ci.items()
+                 if np.isfinite(lo[k]) and np.isfinite(hi[k])}
         stats = {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max()),
                  "frac_zero": float((a == 0).mean())}
         neurons.append(NeuronResult(index=k, status=ne.status, explanations=exps, artifact_auroc=aa,
-                                    stats=stats, beams=beams, negative_explanations=negs))
+                                    stats=stats, beams=beams, negative_explanations=negs, artifact_auroc_ci=aa_ci))
     return neurons
 
 

@@ -216,6 +216,7 @@ class ArtifactTest(_Record):
     all_rows: dict[str, Any] | None = None  # the all-rows test when the reported one is a region's
     region_p_value: float | None = None  # the region test's own p (p_value: the formula branch's combined p)
     outside_p_value: float | None = None  # the test over the rows outside the region (part of the combined p)
+    effect_ci_bootstrap: list[float] | None = None  # flagged neurons: percentile bootstrap interval of the effect
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,10 @@ class NeuronResult(_Record):
     # Paired with/without-artifact effect (synthesised artifacts): per artifact
     # {"n_pairs", "mean_diff_sd", "frac_rise", "wilcoxon_p"}.
     paired: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per artifact: analytic (DeLong) 95% interval of ``artifact_auroc``, for every neuron.
+    artifact_auroc_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Per flagged artifact: percentile bootstrap 95% interval of ``artifact_auroc``.
+    artifact_auroc_ci_bootstrap: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Schema 2.x: the flag rule's test of every artifact, and the negative (lowest-AUROC) search's formulas.
     artifact_tests: list[ArtifactTest] = field(default_factory=list)
     negative_explanations: list[Explanation] = field(default_factory=list)
@@ -350,6 +355,7 @@ class ArtifactImpact(_Record):
     n_labelled: int = 0
     examples: list[dict[str, Any]] = field(default_factory=list)  # flagged neurons: clean/pasted pairs
     seconds: float | None = None
+    n_pairs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -365,9 +371,11 @@ class AuditResult(_Record):
     artifacts: list[str]
     layers: list[LayerResult]
     warnings: list[str] = field(default_factory=list)
-    rule_version: str | None = None  # flag rule version (None: a 1.x file)
-    calibration: dict[str, Any] | None = None  # flags chance alone raises (permuted artifact labels)
-    impact: list[ArtifactImpact] = field(default_factory=list)  # auditor.impact, one per tested artifact
+    rule_version: str | None = None  # version of the flag rule that produced the flags
+    calibration: dict[str, Any] | None = None  # the flag rule's calibration, when run
+    impact: list[ArtifactImpact] = field(default_factory=list)  # per artifact, when measured
+    dora: Any = None  # DORA outlier analysis, when run
+    signoff: dict[str, Any] | None = None  # prepared_by, reviewed_by, decision, date (config `signoff:`)
 
     # -- convenience -------------------------------------------------------
     def flagged_neurons(self, layer: LayerResult | None = None) -> list[NeuronResult]:

@@ -90,7 +90,7 @@ def test_inconclusive_gates_only_when_asked(inconclusive, capsys):
     err = capsys.readouterr().err
     assert "watermark: 0 neuron(s) flagged; 0 near miss(es); 2 inconclusive" in err
     case = [c for c in ET.parse(out / "junit.xml").getroot().iter("testcase") if "watermark" in c.get("name")][0]
-    assert case.find("failure") is None and "inconclusive, neuron 0" in case.find("system-out").text
+    assert case.find("failure") is None and "neuron 0 (inconclusive)" in case.find("system-out").text
     out = d / "b"
     assert _explain(acts, labels, out, "--fail-on-inconclusive") == 1
     err = capsys.readouterr().err

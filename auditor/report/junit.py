@@ -1,11 +1,8 @@
 """JUnit XML for CI: one test case per artifact concept per layer.
 
-A case fails when any neuron of the layer carries a flag for the artifact (gate
-``fail_on_flag``), or, when the audit ran with ``fail_on_inconclusive``, when a test of
-the artifact was inconclusive; the failure's type and text say which gate and list the
-neurons with their evidence. Near misses and inconclusive tests that do not gate are
-listed in ``<system-out>``. An excluded artifact concept is a skipped case (it could
-not be checked). CI systems (GitLab, Jenkins, GitHub test
+A case fails when any neuron of the layer carries a flag for the artifact; the failure
+text lists those neurons with their evidence. An excluded artifact concept is a
+skipped case (it could not be checked). CI systems (GitLab, Jenkins, GitHub test
 reporters) show these as ordinary test results.
 """
 
@@ -17,6 +14,7 @@ from pathlib import Path
 
 from ..results import AuditResult, LayerResult
 from .env import fmt_auroc, fmt_pct, fmt_pvalue
+from .tables import neuron_tests
 
 
 def _case_name(artifact: str) -> str:
@@ -40,7 +38,7 @@ def _evidence(layer: LayerResult, artifact: str) -> tuple[set[int], list[str]]:
             if f.artifact != artifact:
                 continue
             best = n.best
-            if f.effect is not None:  # rule 2.x
+            if getattr(f, "effect", None) is not None:  # rule 2.x: the stratified artifact test
                 parts = [f"neuron {n.index}: {f.direction} ({f.branch} branch)",
                          f"stratified effect={fmt_auroc(f.effect)}",
                          f"adjusted p={fmt_pvalue(f.p_adjusted)}",
@@ -50,17 +48,18 @@ def _evidence(layer: LayerResult, artifact: str) -> tuple[set[int], list[str]]:
                 lines.append("; ".join(parts) + (f"\n    {f.reason}" if f.reason else ""))
                 neurons.add(n.index)
                 continue
-            parts = [
-                f"neuron {n.index}: {f.formula}",
-                f"rule={f.rule}",
-                f"AUROC={fmt_auroc(f.auroc)}",
-                f"adjusted p={fmt_pvalue(f.p_adjusted)}",
-                f"artifact alone AUROC={fmt_auroc(f.artifact_auroc)}",
-            ]
-            if f.auroc_without_artifact is not None:
-                parts.append(f"without artifact AUROC={fmt_auroc(f.auroc_without_artifact)}")
-            if f.margin is not None:
-                parts.append(f"margin={fmt_auroc(f.margin)}")
+            get = lambda key, f=f: getattr(f, key, None)  # noqa: E731 - flag fields differ across rule versions
+            parts = [f"neuron {n.index}: {get('formula') or (best.formula if best else '')}"]
+            if get("rule"):
+                parts.append(f"rule={get('rule')}")
+            parts += [f"AUROC={fmt_auroc(get('auroc') if get('auroc') is not None else (best and best.auroc))}",
+                      f"adjusted p={fmt_pvalue(get('p_adjusted'))}"]
+            if get("artifact_auroc") is not None:
+                parts.append(f"artifact alone AUROC={fmt_auroc(get('artifact_auroc'))}")
+            if get("auroc_without_artifact") is not None:
+                parts.append(f"without artifact AUROC={fmt_auroc(get('auroc_without_artifact'))}")
+            if get("margin") is not None:
+                parts.append(f"margin={fmt_auroc(get('margin'))}")
             if best is not None:
                 parts.append(f"support={best.support} ({fmt_pct(best.fraction)})")
                 if best.heldout_auroc is not None:
@@ -89,9 +88,8 @@ def junit_tree(result: AuditResult) -> ET.ElementTree:
             case = ET.SubElement(suite, "testcase", classname=_x(f"auditor.{layer.name}"),
                                  name=_x(_case_name(artifact)), time="0")
             flagged, evidence = _evidence(layer, artifact)
-            tests = [(n.index, n.test(artifact)) for n in layer.neurons]
-            near = [(i, t) for i, t in tests if t is not None and t.status == "near_miss"]
-            inconclusive = [(i, t) for i, t in tests if t is not None and t.status == "inconclusive"]
+            inconclusive = [(n.index, t) for n in layer.neurons
+                            if (t := n.test(artifact)) is not None and t.status == "inconclusive"]
             gate_inconclusive = bool((result.config or {}).get("fail_on_inconclusive")) and inconclusive
             if flagged or gate_inconclusive:
                 msgs = []
@@ -112,17 +110,19 @@ def junit_tree(result: AuditResult) -> ET.ElementTree:
                 reason = excluded[artifact].reason or "no reason recorded"
                 ET.SubElement(case, "skipped", message=_x(f"artifact concept excluded: {reason}"))
                 s_skip += 1
-            sensitive = [n.index for n in layer.neurons if artifact in n.sensitive]
-            notes = []
-            if sensitive:
-                notes.append("artifact-sensitive neurons (artifact alone passes the AUROC threshold): " + ", ".join(
-                    str(i) for i in sensitive))
-            notes += [f"near miss, neuron {i}: {t.reason}" for i, t in near]
-            if not gate_inconclusive:
-                notes += [f"inconclusive, neuron {i}: {t.reason}" for i, t in inconclusive]
-            if notes:
+            close = []
+            for n in layer.neurons:
+                t = neuron_tests(n, result.artifacts, result.thresholds).get(artifact)
+                if t is not None and t["status"] in ("near_miss", "inconclusive"):
+                    close.append(f"neuron {n.index} ({t['status'].replace('_', ' ')}): {t['reason']}")
+            sensitive = [n.index for n in layer.neurons if artifact in (getattr(n, "sensitive", None) or [])]
+            if close or sensitive:
                 out = ET.SubElement(case, "system-out")
-                out.text = _x("\n".join(notes))
+                text = ["near misses and inconclusive neurons (not flagged):", *close] if close else []
+                if sensitive:
+                    text.append("artifact-sensitive neurons (artifact alone passes the AUROC threshold): "
+                                + ", ".join(str(i) for i in sensitive))
+                out.text = _x("\n".join(text))
         suite.set("tests", str(len(result.artifacts)))
         suite.set("failures", str(s_fail))
         suite.set("errors", "0")
