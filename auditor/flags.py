@@ -553,7 +553,7 @@ def verdict(plan: Plan, tests: PairTests, p_adj_all: float, p_adj_region: float,
         se = t["se"]
         inconclusive = math.isnan(t["p"])
         ci = None if inconclusive or not math.isfinite(se) else \
-            [max(0.0, t["effect"] - 1.96 * se), min(1.0, t["effect"] + 1.96 * se)]
+            (max(0.0, t["effect"] - 1.96 * se), min(1.0, t["effect"] + 1.96 * se))
         return ArtifactTest(artifact=art, status=status, branch=branch, direction=direction,
                             effect=None if inconclusive else t["effect"], effect_ci=ci, p_value=_num(t["p"]),
                             p_adjusted=_num(p_adj), n_artifact=t["n_artifact"], reason=reason,

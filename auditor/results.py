@@ -202,7 +202,7 @@ class ArtifactTest(_Record):
     branch: str | None = None  # "formula" | "strong" (flagged only)
     direction: str | None = None  # "raises" | "lowers" (flagged and near misses)
     effect: float | None = None  # stratified AUROC of artifact vs no artifact (0.5 = no effect)
-    effect_ci: list[float] | None = None  # 95 % normal interval (Hanley-McNeil variance per stratum)
+    effect_ci: tuple[float, float] | None = None  # 95 % normal interval (Hanley-McNeil variance per stratum)
     p_value: float | None = None  # two-sided van Elteren p
     p_adjusted: float | None = None  # Benjamini-Hochberg over every test of the audit
     n_artifact: int = 0  # artifact rows in the strata that contribute
@@ -216,7 +216,7 @@ class ArtifactTest(_Record):
     all_rows: dict[str, Any] | None = None  # the all-rows test when the reported one is a region's
     region_p_value: float | None = None  # the region test's own p (p_value: the formula branch's combined p)
     outside_p_value: float | None = None  # the test over the rows outside the region (part of the combined p)
-    effect_ci_bootstrap: list[float] | None = None  # flagged neurons: percentile bootstrap interval of the effect
+    effect_ci_bootstrap: tuple[float, float] | None = None  # flagged neurons: percentile bootstrap interval
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ class Flag(_Record):
     branch: str | None = None  # "formula" | "strong"
     direction: str | None = None  # "raises" | "lowers"
     effect: float | None = None  # stratified AUROC of artifact vs no artifact
-    effect_ci: list[float] | None = None
+    effect_ci: tuple[float, float] | None = None
     p_value: float | None = None
     n_artifact: int | None = None
 
