@@ -355,7 +355,6 @@ class ArtifactImpact(_Record):
     n_labelled: int = 0
     examples: list[dict[str, Any]] = field(default_factory=list)  # flagged neurons: clean/pasted pairs
     seconds: float | None = None
-    n_pairs: int | None = None
 
 
 @dataclass(frozen=True)

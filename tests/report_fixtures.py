@@ -398,12 +398,29 @@ def make_result(n_neurons: int = 40, n_flagged: int | None = None, *, seed: int 
         extra = {
             "rule_version": "2.0",
             "impact": [
-                ArtifactImpact(artifact="watermark", flip_rate=0.084, control_flip_rate=0.006, n_pairs=400,
+                # shaped as auditor.impact writes them (docs/results-schema.md, ArtifactImpact)
+                ArtifactImpact(artifact="watermark", flip_rate=0.084, control_flip_rate=0.006, n_images=400,
+                               n_flips=34, n_control_flips=2, flip_ci=[0.061, 0.114], control_ci=[0.001, 0.018],
                                summary="Pasting the watermark changes 8.4% of predictions (control paste 0.6%).",
-                               ablation={"share_carried": 0.62}),
-                ArtifactImpact(artifact="text_overlay", flip_rate=0.011, control_flip_rate=0.008, n_pairs=250,
+                               generator={"name": "watermark", "params": {"opacity": 0.5}, "seed": 0, "count": 400,
+                                          "synth_command": "auditor synth --images probe --artifacts watermark "
+                                                           "--count 400 --seed 0 --out pairs"},
+                               flows=[{"from": "cat", "to": "dog", "n": 20, "share": 0.1}],
+                               towards=[{"class": "dog", "n_other": 300, "n_to": 20, "share_to": 0.067}],
+                               class_names_source="indices", n_classes=2,
+                               ablation={"mode": "mean", "layers": ["layer4"], "neurons": ["layer4#3", "layer4#7"],
+                                         "flip_rate": 0.032, "share_carried": 0.62, "clean_accuracy": 0.9,
+                                         "ablated_accuracy": 0.88, "accuracy_cost": 0.02,
+                                         "random": {"draws": 10, "share_mean": 0.05, "share_sd": 0.03,
+                                                    "share_min": 0.0, "share_max": 0.1,
+                                                    "accuracy_cost_mean": 0.01}}),
+                ArtifactImpact(artifact="text_overlay", flip_rate=0.011, control_flip_rate=0.008, n_images=250,
+                               n_flips=3, n_control_flips=2, flip_ci=[0.004, 0.032], control_ci=[0.002, 0.029],
                                summary="Pasting text changes 1.1% of predictions (control paste 0.8%).",
-                               ablation=None),
+                               generator={"name": "text_overlay", "params": {}, "seed": 0, "count": 250,
+                                          "synth_command": "auditor synth --images probe --artifacts text_overlay "
+                                                           "--count 250 --seed 0 --out pairs"},
+                               class_names_source="indices", n_classes=2, ablation=None),
             ],
             "signoff": {"prepared_by": "A. Auditor", "reviewed_by": None, "decision": None, "date": None},
         }

@@ -385,6 +385,7 @@ class _Builder:
 
     def impact(self, artifact: str) -> dict[str, Any] | None:
         """The impact record of ``artifact`` (issue: impact), with its level for the action table."""
+        gate = (self.result.config or {}).get("fail_on_impact")
         for rec in getattr(self.result, "impact", None) or []:
             get = rec.get if isinstance(rec, dict) else (lambda k, d=None, r=rec: getattr(r, k, d))
             if get("artifact") != artifact:
@@ -395,7 +396,9 @@ class _Builder:
             level = "not measured" if not _finite(flip) else (
                 "material" if (excess if excess is not None else flip) >= IMPACT_MATERIAL else "small")
             return {"flip_rate": flip, "control_flip_rate": control, "excess": excess, "level": level,
-                    "summary": get("summary") or "", "n_pairs": get("n_pairs"),
+                    "summary": get("summary") or "", "n_images": get("n_images"),
+                    "gate": gate if isinstance(gate, (int, float)) else None,
+                    "exceeded": bool(_finite(flip) and isinstance(gate, (int, float)) and flip > gate),
                     "share_carried": ablation.get("share_carried") if isinstance(ablation, dict) else None}
         return None
 
