@@ -57,6 +57,41 @@ class SynthSection(BaseModel):
         return value
 
 
+class SignoffSection(BaseModel):
+    """``signoff:`` — who prepared and reviewed the audit and what was decided (printed on page 1).
+
+    Any field left out stays a blank line to fill in on the printed report.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prepared_by: str | None = Field(None, description="who ran the audit")
+    reviewed_by: str | None = Field(None, description="who reviewed it")
+    decision: str | None = Field(None, description="the decision taken, e.g. 'release blocked until retrained'")
+    date: str | None = Field(None, description="date of the decision (free text, e.g. 2026-12-02)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        # --signoff "prepared_by=A. Lee; reviewed_by=B. Chen" on the command line
+        if isinstance(value, str):
+            out: dict[str, str] = {}
+            for part in value.split(";"):
+                if not part.strip():
+                    continue
+                key, sep, val = part.partition("=")
+                if not sep:
+                    raise ValueError(f"expected key=value pairs separated by ';', got {part.strip()!r}")
+                out[key.strip()] = val.strip()
+            return out
+        return value
+
+    @field_validator("date", mode="before")
+    @classmethod
+    def _date_text(cls, value: Any) -> Any:
+        return value.isoformat() if hasattr(value, "isoformat") else value  # YAML reads 2026-12-02 as a date
+
+
 def _synth_value(value: Any) -> Any:
     """``--synth`` on the command line: YAML (``{artifacts: [watermark], fraction: 0.3}``) or a list of names."""
     if isinstance(value, str):
@@ -143,16 +178,20 @@ class AuditConfig(BaseModel):
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for AUROC confidence intervals (0 = off)")
 
     # -- flagging --------------------------------------------------------------
-    flag_max_p: float = Field(0.01, gt=0.0, le=1.0, description="largest BH-adjusted p-value of a flagged formula")
-    flag_min_auroc: float = Field(0.7, ge=0.5, le=1.0, description="smallest AUROC of a flagged neuron's best formula")
-    artifact_auroc: float = Field(0.75, ge=0.5, le=1.0, description="AUROC the artifact alone must reach "
-                                  "(also the artifact-sensitive threshold)")
-    flag_margin: float = Field(0.05, ge=0.0, le=1.0, description="AUROC lost when the artifact is removed "
-                               "from the formula that also shows its part")
-    flag_partial_auroc: float = Field(0.6, ge=0.5, le=1.0, description="AUROC the artifact alone must reach when "
-                                      "the flag rests on the margin (a context-specific detector)")
-    flag_min_support: int = Field(10, ge=1, description="fewest images a flagged formula must hold on")
+    flag_max_p: float = Field(0.01, gt=0.0, le=1.0, description="largest Benjamini-Hochberg adjusted p-value "
+                              "(over every test of the audit) of a flagged (neuron, artifact) pair (alpha)")
+    flag_min_effect: float = Field(0.1, ge=0.0, le=0.5, description="smallest |stratified artifact AUROC - 0.5| "
+                                   "that flags a neuron whose best formula names the artifact or a container")
+    flag_strong_effect: float = Field(0.25, ge=0.0, le=0.5, description="|stratified artifact AUROC - 0.5| that "
+                                      "flags a neuron whatever its formulas say")
+    flag_min_artifact_rows: int = Field(10, ge=1, description="fewest artifact rows the tested region must hold")
+    flag_strata: int = Field(3, ge=0, le=10, description="concepts most associated with the artifact that "
+                             "stratify every test (and its calibration)")
+    calibration_runs: int = Field(20, ge=0, le=1000, description="reruns of the whole decision with the artifact "
+                                  "labels permuted (flags chance alone raises; 0 = off)")
     fail_on_flag: bool = Field(True, description="exit with code 1 when neurons are flagged")
+    fail_on_inconclusive: bool = Field(False, description="exit with code 1 when an artifact test is inconclusive "
+                                       "(no stratum where the artifact varies)")
 
     # -- impact on the model's outputs -------------------------------------------------
     impact: bool = Field(True, description="measure what each artifact with a generator does to the model's "
@@ -181,6 +220,8 @@ class AuditConfig(BaseModel):
     out: str = Field("audit-report", description="output folder")
     top_k: int = Field(9, ge=0, le=64, description="top-activating images kept per neuron")
     title: str | None = Field(None, description="report title")
+    signoff: SignoffSection | None = Field(None, description="sign-off block on page 1: prepared_by, reviewed_by, "
+                                           "decision, date (YAML mapping, or 'key=value; key=value')")
     formats: tuple[Literal["html", "pdf", "json", "csv", "junit"], ...] = Field(
         ("html", "pdf", "json", "csv", "junit"), description="outputs to write")
 
@@ -228,6 +269,9 @@ class AuditConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> AuditConfig:
+        if self.flag_min_effect > self.flag_strong_effect:
+            raise ValueError(f"flag_min_effect ({self.flag_min_effect}) must not exceed flag_strong_effect "
+                             f"({self.flag_strong_effect})")
         if self.min_fraction > self.max_fraction:
             raise ValueError(f"min_fraction ({self.min_fraction}) must not exceed max_fraction ({self.max_fraction})")
         if self.std is not None and any(s <= 0 for s in self.std):
@@ -257,9 +301,10 @@ def _format_error(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
-        if err["type"] == "extra_forbidden" and len(err["loc"]) > 1 and err["loc"][0] == "synth":
-            key = str(err["loc"][-1])
-            parts.append(f"unknown key 'synth.{key}' in {source}{did_you_mean(key, SynthSection.model_fields)}")
+        if err["type"] == "extra_forbidden" and len(err["loc"]) > 1 and err["loc"][0] in ("synth", "signoff"):
+            key, section = str(err["loc"][-1]), str(err["loc"][0])
+            known = (SynthSection if section == "synth" else SignoffSection).model_fields
+            parts.append(f"unknown key '{section}.{key}' in {source}{did_you_mean(key, known)}")
             continue
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][0])
@@ -278,7 +323,19 @@ def _format_error(exc: ValidationError, source: str) -> str:
     return "; ".join(parts)
 
 
+def _replaced(key: str, source: str) -> ConfigError:
+    from .flags import REPLACED_KEYS
+
+    return ConfigError(f"config key {key!r} in {source} belongs to the old flag rule and was replaced: use "
+                       f"{REPLACED_KEYS[key]} (see README 'How flags work')")
+
+
 def make_config(values: dict[str, Any], source: str = "the configuration") -> AuditConfig:
+    from .flags import REPLACED_KEYS
+
+    for key in values:
+        if key in REPLACED_KEYS:
+            raise _replaced(key, source)
     try:
         return AuditConfig(**values)
     except ValidationError as exc:
@@ -333,7 +390,11 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None
     """YAML file (optional) plus overrides (flags win)."""
     values: dict[str, Any] = read_yaml(path) if path else {}
     source = str(path) if path else "the command line"
+    from .flags import REPLACED_KEYS
+
     for key in values:
+        if key in REPLACED_KEYS:
+            raise _replaced(key, source)
         if key not in FIELDS:
             raise ConfigError(f"unknown config key {key!r} in {source}"
                               + (did_you_mean(key, FIELDS) or " (see `auditor run --help` for the valid keys)"))

@@ -525,10 +525,11 @@ def test_report_page_one_and_junit_show_the_impact(rg_probe):
 
     html = render_html(result(0.1))
     page1 = html[:html.index('id="flagged"')]
-    assert "Impact on the model&#39;s outputs" in page1 or "Impact on the model's outputs" in page1
-    assert "border flips 47.8% of predictions" in page1 and "Above the --fail-on-impact threshold" in page1
-    header = html[:html.index("</header>")]  # the banner on the very first page
-    assert "flips 47.8% of predictions (occlusion control 0.0%), the flagged neurons carry" in header
+    # page 1's verdict table carries the impact beside each artifact's verdict
+    assert "Impact on outputs" in page1
+    assert "<strong>47.8%</strong> of predictions flip (control 0.0%)" in page1
+    assert "Above the --fail-on-impact threshold 10.0%" in page1 and "flagged neurons carry" in page1
+    assert "Above the --fail-on-impact threshold" not in render_html(result(0.9)).split('id="flagged"')[0]
     assert 'id="impact-border"' in html and "greenish → reddish" in html and "flow-bar" in html
     assert "--count 100 --seed 3" in html  # the synth command that writes the same images
 

@@ -104,19 +104,23 @@ def test_check_finite_names_row_and_column():
 
 
 def test_neuron_results_in_blocks_equal_whole_columns(monkeypatch):
-    """Per-neuron statistics and artifact AUROCs from 2-column blocks of a float32 array equal
-    those computed on the whole float64 layer."""
-    from auditor.flags import Thresholds
+    """Per-neuron statistics, artifact AUROCs and their DeLong intervals from 2-column blocks of
+    a float32 array equal those computed on the whole float64 layer."""
     from auditor.pipeline import neuron_results
 
     A, Y, names = _problem(3, N=400, K=7)
     explained = invert.explain(A, Y, names, invert.InvertParams(length=2, beam=2))
-    Y_art = Y[:, [2, 4]]
-    whole = neuron_results(A.astype(np.float64), explained, Y, names, ["c2", "c4"], Y_art, Thresholds())
+    whole = neuron_results(A.astype(np.float64), explained, Y, names, ["c2", "c4"])
     monkeypatch.setattr(colmod, "DEFAULT_BLOCK_MB", 2 * 400 * 8 / 2**20)
-    blocked = neuron_results(A, explained, Y, names, ["c2", "c4"], Y_art, Thresholds())
-    assert blocked == whole
-    ref = invert.auroc(A.astype(np.float64), Y_art)
+    blocked = neuron_results(A, explained, Y, names, ["c2", "c4"])
+    import dataclasses
+
+    for got, want in zip(blocked, whole):
+        # DeLong intervals are vectorised over the columns given: the last bits may differ by block shape
+        for art, ci in want.artifact_auroc_ci.items():
+            assert got.artifact_auroc_ci[art] == pytest.approx(ci, rel=1e-12, abs=1e-14)
+        assert dataclasses.replace(got, artifact_auroc_ci={}) == dataclasses.replace(want, artifact_auroc_ci={})
+    ref = invert.auroc(A.astype(np.float64), Y[:, [2, 4]])
     for n in blocked:
         assert [n.artifact_auroc["c2"], n.artifact_auroc["c4"]] == list(ref[n.index])
         assert n.stats["mean"] == A[:, n.index].astype(np.float64).mean()
@@ -180,9 +184,9 @@ def test_explain_imports_no_torch(tmp_path):
         rc = main(["explain", "--activations", {str(tmp_path / 'acts.npy')!r}, "--labels",
                    {str(tmp_path / 'labels.npz')!r}, "--artifacts", "wm", "--out", {str(tmp_path / 'out')!r},
                    "--formats", "json,csv", "-q"])
-        assert rc == 0, rc
+        assert rc in (0, 1), rc  # 1: a neuron flagged for wm (fail_on_flag)
         assert "torch" not in sys.modules, "torch was imported"
-        assert "pandas" not in sys.modules and "pydantic" not in sys.modules
+        assert "pandas" not in sys.modules
         print("ok")
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -195,14 +199,14 @@ def test_explain_neurons_subset_equals_the_full_run(tmp_path, capsys):
     full, part = tmp_path / "full", tmp_path / "part"
     args = ["explain", "--activations", str(tmp_path / "acts.npy"), "--labels", str(tmp_path / "labels.npz"),
             "--artifacts", "wm", "--length", "2", "--beam", "2", "--formats", "json", "-q"]
-    assert main(args + ["--out", str(full)]) == 0
-    assert main(args + ["--out", str(part), "--neurons", "3:5,0"]) == 0
+    assert main(args + ["--out", str(full)]) in (0, 1)  # 1: flagged (fail_on_flag)
+    assert main(args + ["--out", str(part), "--neurons", "3:5,0"]) in (0, 1)
     f = json.loads((full / "results.json").read_text())["layers"][0]["neurons"]
     p = json.loads((part / "results.json").read_text())["layers"][0]["neurons"]
     assert [n["index"] for n in p] == [0, 3, 4]
     for n in p:  # p_adjusted is over the neurons explained, so compare the rest
         want = f[n["index"]]
-        for key in ("status", "stats", "artifact_auroc"):
+        for key in ("status", "stats", "artifact_auroc", "artifact_auroc_ci"):
             assert n[key] == want[key]
         assert [e["formula"] for e in n["explanations"]] == [e["formula"] for e in want["explanations"]]
     rc = main(args + ["--out", str(tmp_path / "bad"), "--neurons", "2:9"])

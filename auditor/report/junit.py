@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..results import AuditResult, LayerResult
 from .env import fmt_auroc, fmt_pct, fmt_pvalue
+from .tables import neuron_tests
 
 
 def _case_name(artifact: str) -> str:
@@ -37,17 +38,28 @@ def _evidence(layer: LayerResult, artifact: str) -> tuple[set[int], list[str]]:
             if f.artifact != artifact:
                 continue
             best = n.best
-            parts = [
-                f"neuron {n.index}: {f.formula}",
-                f"rule={f.rule}",
-                f"AUROC={fmt_auroc(f.auroc)}",
-                f"adjusted p={fmt_pvalue(f.p_adjusted)}",
-                f"artifact alone AUROC={fmt_auroc(f.artifact_auroc)}",
-            ]
-            if f.auroc_without_artifact is not None:
-                parts.append(f"without artifact AUROC={fmt_auroc(f.auroc_without_artifact)}")
-            if f.margin is not None:
-                parts.append(f"margin={fmt_auroc(f.margin)}")
+            if getattr(f, "effect", None) is not None:  # rule 2.x: the stratified artifact test
+                parts = [f"neuron {n.index}: {f.direction} ({f.branch} branch)",
+                         f"stratified effect={fmt_auroc(f.effect)}",
+                         f"adjusted p={fmt_pvalue(f.p_adjusted)}",
+                         f"artifact rows={f.n_artifact}"]
+                if f.formula:
+                    parts.append(f"formula={f.formula}")
+                lines.append("; ".join(parts) + (f"\n    {f.reason}" if f.reason else ""))
+                neurons.add(n.index)
+                continue
+            get = lambda key, f=f: getattr(f, key, None)  # noqa: E731 - flag fields differ across rule versions
+            parts = [f"neuron {n.index}: {get('formula') or (best.formula if best else '')}"]
+            if get("rule"):
+                parts.append(f"rule={get('rule')}")
+            parts += [f"AUROC={fmt_auroc(get('auroc') if get('auroc') is not None else (best and best.auroc))}",
+                      f"adjusted p={fmt_pvalue(get('p_adjusted'))}"]
+            if get("artifact_auroc") is not None:
+                parts.append(f"artifact alone AUROC={fmt_auroc(get('artifact_auroc'))}")
+            if get("auroc_without_artifact") is not None:
+                parts.append(f"without artifact AUROC={fmt_auroc(get('auroc_without_artifact'))}")
+            if get("margin") is not None:
+                parts.append(f"margin={fmt_auroc(get('margin'))}")
             if best is not None:
                 parts.append(f"support={best.support} ({fmt_pct(best.fraction)})")
                 if best.heldout_auroc is not None:
@@ -76,22 +88,41 @@ def junit_tree(result: AuditResult) -> ET.ElementTree:
             case = ET.SubElement(suite, "testcase", classname=_x(f"auditor.{layer.name}"),
                                  name=_x(_case_name(artifact)), time="0")
             flagged, evidence = _evidence(layer, artifact)
-            if flagged:
-                n = len(flagged)
-                failure = ET.SubElement(case, "failure", type="ArtifactDetector",
-                                        message=_x(f"{n} neuron{'s' if n != 1 else ''} in {layer.name} "
-                                                   f"flagged for artifact '{artifact}'"))
+            inconclusive = [(n.index, t) for n in layer.neurons
+                            if (t := n.test(artifact)) is not None and t.status == "inconclusive"]
+            gate_inconclusive = bool((result.config or {}).get("fail_on_inconclusive")) and inconclusive
+            if flagged or gate_inconclusive:
+                msgs = []
+                if flagged:
+                    n = len(flagged)
+                    msgs.append(f"gate fail_on_flag: {n} neuron{'s' if n != 1 else ''} in {layer.name} "
+                                f"flagged for artifact '{artifact}'")
+                if gate_inconclusive:
+                    msgs.append(f"gate fail_on_inconclusive: {len(inconclusive)} inconclusive test(s) of "
+                                f"'{artifact}' in {layer.name}")
+                    evidence = evidence + [f"neuron {i}: {t.reason}" for i, t in inconclusive]
+                failure = ET.SubElement(case, "failure",
+                                        type="ArtifactDetector" if flagged else "InconclusiveArtifactTest",
+                                        message=_x("; ".join(msgs)))
                 failure.text = _x("\n".join(evidence))
                 s_fail += 1
             elif artifact in excluded:
                 reason = excluded[artifact].reason or "no reason recorded"
                 ET.SubElement(case, "skipped", message=_x(f"artifact concept excluded: {reason}"))
                 s_skip += 1
-            sensitive = [n.index for n in layer.neurons if artifact in n.sensitive]
-            if sensitive:
+            close = []
+            for n in layer.neurons:
+                t = neuron_tests(n, result.artifacts, result.thresholds).get(artifact)
+                if t is not None and t["status"] in ("near_miss", "inconclusive"):
+                    close.append(f"neuron {n.index} ({t['status'].replace('_', ' ')}): {t['reason']}")
+            sensitive = [n.index for n in layer.neurons if artifact in (getattr(n, "sensitive", None) or [])]
+            if close or sensitive:
                 out = ET.SubElement(case, "system-out")
-                out.text = "artifact-sensitive neurons (artifact alone passes the AUROC threshold): " + ", ".join(
-                    str(i) for i in sensitive)
+                text = ["near misses and inconclusive neurons (not flagged):", *close] if close else []
+                if sensitive:
+                    text.append("artifact-sensitive neurons (artifact alone passes the AUROC threshold): "
+                                + ", ".join(str(i) for i in sensitive))
+                out.text = _x("\n".join(text))
         suite.set("tests", str(len(result.artifacts)))
         suite.set("failures", str(s_fail))
         suite.set("errors", "0")
