@@ -524,9 +524,10 @@ def explain_layers(acts: list[tuple[str, np.ndarray]], Yu, names: list[str], art
         common = dict(length=cfg.length, beam=cfg.beam, min_fraction=cfg.min_fraction,
                       max_fraction=cfg.max_fraction, limit_search=cfg.limit_search, heldout=cfg.heldout,
                       seed=cfg.seed, device=device)
-        pos = invert.explain(A, Yu, names, invert.InvertParams(**common), neurons=subset, progress=progress)
-        neg = invert.explain(A, Yu, names, invert.InvertParams(mode="negative", **common), neurons=subset,
-                             progress=progress)
+        # both directions from one pass: each chunk of neurons is read and ranked once
+        pos, neg = invert.explain_modes(A, Yu, names, [invert.InvertParams(**common),
+                                                       invert.InvertParams(mode="negative", **common)],
+                                        neurons=subset, progress=progress)
         neurons = neuron_results(A, pos, Yu, names, artifacts, negative=neg)
         layer_neurons.append(neurons)
         plan_input.append((A, [(n.index, n.status, [(e.formula, e.ast) for e in (n.explanations[:1]

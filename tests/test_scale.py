@@ -256,3 +256,17 @@ def test_topk_packed_key_selects_what_two_stable_sorts_select():
     v64 = torch.randn(50, 3, dtype=torch.float64, generator=g)  # float64: the two-sort path
     idx = torch.arange(50).view(-1, 1).expand(50, 3)
     assert torch.equal(_top_rows(v64, idx, 7), reference(v64, idx, 7))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_explain_modes_equals_separate_calls(seed):
+    """Both directions from one ranking pass give exactly what two explain calls give."""
+    A, Y, names = _problem(seed)
+    for kw in (dict(length=3, beam=3), dict(length=2, beam=2, heldout=0.3, seed=seed)):
+        pos = invert.InvertParams(chunk_neurons=2, **kw)
+        neg = invert.InvertParams(mode="negative", alternative="less", chunk_neurons=2, **kw)
+        both = invert.explain_modes(A, Y, names, [pos, neg], neurons=[8, 0, 3, 5])
+        assert both == [invert.explain(A, Y, names, pos, neurons=[8, 0, 3, 5]),
+                        invert.explain(A, Y, names, neg, neurons=[8, 0, 3, 5])]
+    with pytest.raises(Exception, match="same heldout"):
+        invert.explain_modes(A, Y, names, [invert.InvertParams(), invert.InvertParams(heldout=0.5)])

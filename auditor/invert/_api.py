@@ -224,8 +224,38 @@ def explain(
     or scipy/torch sparse); concepts: C names. Returns one NeuronExplanation per
     requested neuron, in the order requested.
     """
-    if not isinstance(params, InvertParams):
-        raise ConfigError(f"params must be an InvertParams, got {type(params).__name__}")
+    return explain_modes(activations, labels, concepts, [params], neurons, progress)[0]
+
+
+_SHARED = ("heldout", "seed", "device", "backend", "memory_mb", "chunk_neurons")
+
+
+def explain_modes(
+    activations,
+    labels,
+    concepts: Sequence[str],
+    params_list: Sequence[InvertParams],
+    neurons: Sequence[int] | None = None,
+    progress: bool = False,
+) -> list[list[NeuronExplanation]]:
+    """:func:`explain` once per ``InvertParams`` of ``params_list`` (e.g. the positive and the
+    negative search), from one pass over the activations: each chunk of neurons is read and
+    ranked once and searched with every parameter set. The results equal separate
+    :func:`explain` calls (Benjamini-Hochberg runs per parameter set). The parameter sets
+    must agree on heldout, seed, device, backend, memory_mb and chunk_neurons.
+    """
+    params_list = list(params_list)
+    if not params_list:
+        raise ConfigError("params_list is empty: give at least one InvertParams")
+    for params in params_list:
+        if not isinstance(params, InvertParams):
+            raise ConfigError(f"params must be an InvertParams, got {type(params).__name__}")
+    params = params_list[0]
+    for other in params_list[1:]:
+        for name in _SHARED:
+            if getattr(other, name) != getattr(params, name):
+                raise ConfigError(f"explain_modes: every parameter set needs the same {name} "
+                                  f"({getattr(params, name)!r} vs {getattr(other, name)!r})")
     a, lm, concepts = _inputs(activations, labels, concepts)
     if concepts is None:
         raise DataError("concept names are required")
@@ -256,8 +286,9 @@ def explain(
     live = uniq[~dead]
 
     dl = DeviceLabels(lm_s, dev, need_matrix=True) if backend == "torch" else None
-    chunk = _chunk_size(params, Ns, lm.C, len(live), backend, dev)
-    results: dict[int, NeuronExplanation] = {int(i): NeuronExplanation(int(i), "dead", [], None) for i in uniq[dead]}
+    chunk = min(_chunk_size(p, Ns, lm.C, len(live), backend, dev) for p in params_list)
+    all_results: list[dict[int, NeuronExplanation]] = [
+        {int(i): NeuronExplanation(int(i), "dead", [], None) for i in uniq[dead]} for _ in params_list]
     chunks = [live[s : s + chunk] for s in range(0, len(live), chunk)]
     bits = _Bits(lm_s)  # packed label columns, shared by the chunks
     bar = None
@@ -291,15 +322,17 @@ def explain(
         for i, cols in enumerate(chunks):
             r2, tie, hold = nxt.result()
             nxt = run(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
-            with _torch_threads(dev, backend):
-                search = ChunkSearch(r2, dl, lm_s, params, backend, bits)
-                final, history = search.run(params.length, params.all_lengths)
-            del search, r2
-            conv = _Converter(concepts, Ns, _host(tie), params.alternative, hold, final, history)
-            for j, neuron in enumerate(cols):
-                formulas = conv.formulas(final[j])
-                beams = [conv.formulas(h[j]) for h in history] if history is not None else None
-                results[int(neuron)] = NeuronExplanation(int(neuron), "ok", formulas, beams)
+            for p, results in zip(params_list, all_results):
+                with _torch_threads(dev, backend):
+                    search = ChunkSearch(r2, dl, lm_s, p, backend, bits)
+                    final, history = search.run(p.length, p.all_lengths)
+                del search
+                conv = _Converter(concepts, Ns, _host(tie), p.alternative, hold, final, history)
+                for j, neuron in enumerate(cols):
+                    formulas = conv.formulas(final[j])
+                    beams = [conv.formulas(h[j]) for h in history] if history is not None else None
+                    results[int(neuron)] = NeuronExplanation(int(neuron), "ok", formulas, beams)
+            del r2
             done += len(cols)
             if bar is not None:
                 bar.update(len(cols))
@@ -308,7 +341,11 @@ def explain(
     if bar is not None:
         bar.close()
 
-    # ---- Benjamini-Hochberg across neurons (best formula of each ok neuron)
+    return [_bh(results, order) for results in all_results]
+
+
+def _bh(results: dict[int, NeuronExplanation], order: np.ndarray) -> list[NeuronExplanation]:
+    """Benjamini-Hochberg across neurons (best formula of each ok neuron); results in ``order``."""
     keys = [i for i in results if results[i].status == "ok" and results[i].formulas]
     if keys:
         padj = benjamini_hochberg([results[i].formulas[0].p_value for i in keys])
