@@ -78,10 +78,12 @@ def artifact_summary(result: AuditResult, strongest: int = 3) -> dict[str, dict[
     out: dict[str, dict[str, Any]] = {}
     for art in result.artifacts:
         hits = []
+        counts = by_status.get(art, {})
+        flagged = set(counts.get("flagged", []))
         for lyr in result.layers:
             for n in lyr.neurons:
                 f = next((f for f in n.flags if f.artifact == art), None)
-                if f is None:
+                if f is None or (lyr.name, n.index) not in flagged:
                     continue
                 effect = getattr(f, "effect", None)
                 if isinstance(effect, (int, float)):
@@ -91,7 +93,6 @@ def artifact_summary(result: AuditResult, strongest: int = 3) -> dict[str, dict[
                 hits.append((strength, lyr.name, n.index, n.best.formula if n.best else f.formula, effect,
                              f.direction if hasattr(f, "direction") else None))
         hits.sort(key=lambda h: (-h[0], h[1], h[2]))
-        counts = by_status.get(art, {})
         out[art] = {"flagged": len(hits), "near_miss": len(counts.get("near_miss", [])),
                     "inconclusive": len(counts.get("inconclusive", [])),
                     "sensitive": len(counts.get("sensitive", [])), "impact": impact.get(art),
