@@ -131,7 +131,7 @@ def containers(labels: Labels, artifact: str, ancestors: Sequence[str] = ()) -> 
     inter = labels.cross(a)
     out = [c for c in ancestors if c in labels.index and c != artifact]
     for j, c in enumerate(labels.names):
-        if c == artifact or c in out or labels.names.index(c) != j:
+        if c == artifact or c in out or labels.index[c] != j:  # first column of a repeated name only
             continue
         if inter[j] != na or labels.n_pos[j] < na:  # not a superset of the artifact
             continue
@@ -287,6 +287,20 @@ def stratified_test(a: np.ndarray, strata: np.ndarray, Y: np.ndarray, order: np.
         return StratifiedTest(np.full(P, 0.5), nan, nan, nan, zero, zero, zero)
     o = np.lexsort((a, strata)) if order is None else order
     ss, aa = np.asarray(strata)[o], a[o]
+    str_id, rank, n_s, tie = _ranks(ss, aa)
+    # (P, n) rows sorted like the ranks: reductions along contiguous memory
+    str_start = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+    Yt = np.ascontiguousarray(Y[o].T)
+    n1 = np.add.reduceat(Yt, str_start, axis=1, dtype=np.float64).T  # (S, P)
+    R1 = np.add.reduceat(np.where(Yt, rank, 0.0), str_start, axis=1).T
+    return _van_elteren(n1, R1, n_s, tie)
+
+
+def _ranks(ss: np.ndarray, aa: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows sorted by (stratum ``ss``, activation ``aa``): per row its stratum's position among the strata
+    present (0, 1, ...: ascending stratum id) and its 1-based mid-rank within the stratum; per stratum its
+    size and tie term Σ (t³ - t) over groups of equal activations."""
+    n = len(aa)
     pos = np.arange(n)
     new_str = np.r_[True, ss[1:] != ss[:-1]]
     new_grp = new_str | np.r_[True, aa[1:] != aa[:-1]]
@@ -299,10 +313,12 @@ def stratified_test(a: np.ndarray, strata: np.ndarray, Y: np.ndarray, order: np.
     n_s = np.diff(np.r_[str_start, n]).astype(np.float64)
     t = grp_size.astype(np.float64)
     tie = np.bincount(str_id[grp_start], weights=t ** 3 - t, minlength=len(n_s))
-    # (P, n) rows sorted like the ranks: reductions along contiguous memory
-    Yt = np.ascontiguousarray(Y[o].T)
-    n1 = np.add.reduceat(Yt, str_start, axis=1, dtype=np.float64).T  # (S, P)
-    R1 = np.add.reduceat(np.where(Yt, rank, 0.0), str_start, axis=1).T
+    return str_id, rank, n_s, tie
+
+
+def _van_elteren(n1: np.ndarray, R1: np.ndarray, n_s: np.ndarray, tie: np.ndarray) -> StratifiedTest:
+    """The test from per-stratum artifact rows ``n1`` and artifact rank sums ``R1`` ((S, P), transposed views of
+    C-ordered (P, S) arrays), stratum sizes ``n_s`` and tie terms ``tie`` (S,)."""
     n0 = n_s[:, None] - n1
     ok = (n1 > 0) & (n0 > 0)
     U = R1 - n1 * (n1 + 1) / 2.0
@@ -426,9 +442,30 @@ class PairTests:
     outside: StratifiedTest | None = None
 
 
-def _sorted_rows(order_a: np.ndarray, rows: np.ndarray, strata: np.ndarray, N: int) -> np.ndarray:
+@dataclass(frozen=True)
+class LabelRows:
+    """The positive rows of P boolean label columns (N, P), computed once per audit: the tests only
+    sum over the artifact rows, which are few next to the N rows ranked."""
+
+    N: int
+    P: int
+    rows: np.ndarray  # (nnz,) row of each positive, ascending
+    cols: np.ndarray  # (nnz,) its column
+
+    @classmethod
+    def of(cls, Y: np.ndarray) -> LabelRows:
+        Y = np.asarray(Y, dtype=bool)
+        if Y.ndim == 1:
+            Y = Y[:, None]
+        rows, cols = np.nonzero(Y)
+        return cls(Y.shape[0], Y.shape[1], rows, cols.astype(np.int64))
+
+
+def _sorted_rows(order_a: np.ndarray, rows: np.ndarray, strata: np.ndarray, N: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Positions (into ``rows``) sorting them by (stratum, activation), from the activation's global
-    order: keep the rows in activation order, then a stable sort by stratum (a radix sort for small ids)."""
+    order: keep the rows in activation order, then a stable sort by stratum (a radix sort for small ids);
+    and the map row -> position in ``rows`` (-1 outside them)."""
     pos = np.full(N, -1, dtype=np.int64)
     pos[rows] = np.arange(len(rows))
     idx = pos[order_a]
@@ -436,21 +473,42 @@ def _sorted_rows(order_a: np.ndarray, rows: np.ndarray, strata: np.ndarray, N: i
     st = strata[idx]
     if len(st) and st.min() >= 0 and st.max() < 2 ** 15:
         st = st.astype(np.int16)
-    return idx[np.argsort(st, kind="stable")]
+    return idx[np.argsort(st, kind="stable")], pos
 
 
-def run_plan(plan: Plan, a: np.ndarray, Y: np.ndarray, order_a: np.ndarray | None = None) -> PairTests:
-    """The tests of one plan for the label columns ``Y`` (N,) or (N, P); ``order_a``: ``np.argsort(a,
-    kind="stable")``, shared by every plan of the neuron."""
-    Y = np.asarray(Y, dtype=bool)
-    if Y.ndim == 1:
-        Y = Y[:, None]
+def _sparse_test(a: np.ndarray, rows: np.ndarray, strata: np.ndarray, labels: LabelRows, order_a: np.ndarray
+                 ) -> StratifiedTest:
+    """:func:`stratified_test` of ``a[rows]`` with ``strata`` for every column of ``labels`` (same numbers):
+    one ranking of the rows (from ``order_a``, the activation's global stable order), then per column the
+    stratum counts and rank sums of its positive rows only."""
+    n, P = len(rows), labels.P
+    if n == 0:
+        return stratified_test(a[rows], strata, np.zeros((0, P), dtype=bool))
+    o, pos = _sorted_rows(order_a, rows, strata, len(a))
+    ss, aa = np.asarray(strata)[o], a[rows[o]]
+    str_id, rank, n_s, tie = _ranks(ss, aa)
+    S = len(n_s)
+    at = np.empty(n, dtype=np.int64)  # position in rows -> position in the sorted order
+    at[o] = np.arange(n)
+    q = pos[labels.rows]
+    keep = q >= 0
+    k = at[q[keep]]
+    key = labels.cols[keep] * S + str_id[k]
+    n1 = np.bincount(key, minlength=P * S).astype(np.float64).reshape(P, S).T  # (S, P) like stratified_test's
+    R1 = np.bincount(key, weights=rank[k], minlength=P * S).reshape(P, S).T
+    return _van_elteren(n1, R1, n_s, tie)
+
+
+def run_plan(plan: Plan, a: np.ndarray, Y: np.ndarray | LabelRows, order_a: np.ndarray | None = None) -> PairTests:
+    """The tests of one plan for the label columns ``Y`` (N,) or (N, P) (or their :class:`LabelRows`);
+    ``order_a``: ``np.argsort(a, kind="stable")``, shared by every plan of the neuron."""
+    labels = Y if isinstance(Y, LabelRows) else LabelRows.of(Y)
+    a = np.asarray(a, dtype=np.float64)
     if order_a is None:
         order_a = np.argsort(a, kind="stable")
-    N = len(a)
 
     def test(rows, strata):
-        return stratified_test(a[rows], strata, Y[rows], _sorted_rows(order_a, rows, strata, N))
+        return _sparse_test(a, rows, strata, labels, order_a)
 
     out = PairTests(test(plan.rows, plan.strata))
     if plan.regions:
@@ -632,9 +690,14 @@ def permuted_labels(y: np.ndarray, groups: np.ndarray, runs: int, rng: np.random
     N = len(y)
     cols = np.empty((N, 1 + runs), dtype=bool)
     cols[:, 0] = y
-    base = np.argsort(groups, kind="stable")
+    g = np.asarray(groups)
+    if N and g.min() >= 0 and g.max() < 2 ** 15:
+        g = g.astype(np.int16)  # radix sort
+    base = np.argsort(g, kind="stable")
     for r in range(runs):
-        perm = np.lexsort((rng.random(N), groups))
+        # np.lexsort((rng.random(N), groups)): by the random key (ties by row), then stably by group
+        o = np.argsort(rng.random(N), kind="stable")
+        perm = o[np.argsort(g[o], kind="stable")]
         cols[base, 1 + r] = y[perm]
     return cols
 
@@ -659,7 +722,7 @@ def run_tests(layers: Sequence[tuple[np.ndarray, list[tuple[int, str, list[tuple
     ctxs = {a: artifact_context(labels, a, rule.strata, ancestors.get(a, ()), search_rows) for a in artifacts}
     R = int(rule.calibration_runs)
     rng = np.random.default_rng([rule.seed, 9])
-    Ycal = {art: permuted_labels(labels(art), ctxs[art].calib_groups, R, rng) for art in artifacts}
+    Ycal = {art: LabelRows.of(permuted_labels(labels(art), ctxs[art].calib_groups, R, rng)) for art in artifacts}
     keys, plans, tests = [], [], []
     from .columns import ColumnBlocks
 
