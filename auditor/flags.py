@@ -462,14 +462,17 @@ class LabelRows:
 
 
 def _sorted_rows(order_a: np.ndarray, rows: np.ndarray, strata: np.ndarray, N: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Positions (into ``rows``) sorting them by (stratum, activation), from the activation's global
     order: keep the rows in activation order, then a stable sort by stratum (a radix sort for small ids);
-    and the map row -> position in ``rows`` (-1 outside them)."""
-    pos = np.full(N, -1, dtype=np.int64)
-    pos[rows] = np.arange(len(rows))
-    idx = pos[order_a]
-    idx = idx[idx >= 0]  # positions of the rows, in ascending activation
+    and the map row -> position in ``rows`` (-1 outside them; None when ``rows`` is every row in order)."""
+    if len(rows) == N and np.array_equal(rows, np.arange(N)):  # every row in order: the identity map
+        pos, idx = None, order_a
+    else:
+        pos = np.full(N, -1, dtype=np.int64)
+        pos[rows] = np.arange(len(rows))
+        idx = pos[order_a]
+        idx = idx[idx >= 0]  # positions of the rows, in ascending activation
     st = strata[idx]
     if len(st) and st.min() >= 0 and st.max() < 2 ** 15:
         st = st.astype(np.int16)
@@ -480,22 +483,42 @@ def _sparse_test(a: np.ndarray, rows: np.ndarray, strata: np.ndarray, labels: La
                  ) -> StratifiedTest:
     """:func:`stratified_test` of ``a[rows]`` with ``strata`` for every column of ``labels`` (same numbers):
     one ranking of the rows (from ``order_a``, the activation's global stable order), then per column the
-    stratum counts and rank sums of its positive rows only."""
+    stratum counts and rank sums of its positive rows only (their mid-ranks found by binary search among
+    the starts of the strata and of the groups of tied activations)."""
     n, P = len(rows), labels.P
     if n == 0:
         return stratified_test(a[rows], strata, np.zeros((0, P), dtype=bool))
     o, pos = _sorted_rows(order_a, rows, strata, len(a))
-    ss, aa = np.asarray(strata)[o], a[rows[o]]
-    str_id, rank, n_s, tie = _ranks(ss, aa)
+    ss, aa = np.asarray(strata)[o], a[o if pos is None else rows[o]]
+    new_str = np.empty(n, dtype=bool)
+    new_str[0] = True
+    np.not_equal(ss[1:], ss[:-1], out=new_str[1:])
+    new_grp = np.empty(n, dtype=bool)
+    new_grp[0] = True
+    np.not_equal(aa[1:], aa[:-1], out=new_grp[1:])
+    new_grp |= new_str
+    str_start = np.flatnonzero(new_str)
+    grp_start = np.flatnonzero(new_grp)
+    grp_size = np.diff(np.r_[grp_start, n])
+    n_s = np.diff(np.r_[str_start, n]).astype(np.float64)
     S = len(n_s)
+    t = grp_size.astype(np.float64)
+    tie = np.bincount(np.searchsorted(str_start, grp_start, side="right") - 1, weights=t ** 3 - t, minlength=S)
+    # the positives of every column among the rows, at their place in the sorted order
     at = np.empty(n, dtype=np.int64)  # position in rows -> position in the sorted order
     at[o] = np.arange(n)
-    q = pos[labels.rows]
-    keep = q >= 0
-    k = at[q[keep]]
-    key = labels.cols[keep] * S + str_id[k]
+    if pos is None:
+        k, cols = at[labels.rows], labels.cols
+    else:
+        q = pos[labels.rows]
+        keep = q >= 0
+        k, cols = at[q[keep]], labels.cols[keep]
+    sid = np.searchsorted(str_start, k, side="right") - 1
+    gid = np.searchsorted(grp_start, k, side="right") - 1
+    rank = (grp_start[gid] - str_start[sid]) + (grp_size[gid] + 1) / 2.0  # 1-based mid-rank in stratum
+    key = cols * S + sid
     n1 = np.bincount(key, minlength=P * S).astype(np.float64).reshape(P, S).T  # (S, P) like stratified_test's
-    R1 = np.bincount(key, weights=rank[k], minlength=P * S).reshape(P, S).T
+    R1 = np.bincount(key, weights=rank, minlength=P * S).reshape(P, S).T
     return _van_elteren(n1, R1, n_s, tie)
 
 

@@ -7,7 +7,8 @@ Labels as ``bench_scale.py data`` builds them (one-hot leaf classes + 4,000 hype
 ``bench_scale.py run``). ``--neurons`` float32 activations, ReLU-like, each driven by one
 artifact or a concept; each neuron's best formulas are ``artifact AND NOT class`` (positive)
 and a plain concept (negative), so every pair has an all-rows test and one region test.
-Times ``run_tests`` (median of ``repeats``); ``--profile`` prints a pyinstrument profile of one run.
+Times ``run_tests`` (median of ``repeats``); ``--profile`` prints a pyinstrument profile of one run;
+``--dump`` pickles the decision (to compare two versions of the code: ``PYTHONPATH=old/checkout``).
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def main() -> None:
     ap.add_argument("--neurons", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--dump", help="write the decision (every ArtifactTest and the calibration) to this pickle")
     ns = ap.parse_args()
 
+    import auditor
     from auditor.flags import Labels, Rule, run_tests
 
     t = time.perf_counter()
@@ -87,11 +90,17 @@ def main() -> None:
     times = []
     for _ in range(ns.repeats):
         t = time.perf_counter()
-        once()
+        out = once()
         times.append(time.perf_counter() - t)
+    if ns.dump:
+        import dataclasses
+        import pickle
+
+        with open(ns.dump, "wb") as f:
+            pickle.dump(({k: [dataclasses.asdict(x) for x in v] for k, v in out.tests.items()}, out.calibration), f)
     med = statistics.median(times)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"load {os.getloadavg()[0]:.1f}; N={ns.n} C={ns.c} neurons={ns.neurons} artifacts=2 calibration=20")
+          f"load {os.getloadavg()[0]:.1f}; auditor from {Path(auditor.__file__).parent}; N={ns.n} C={ns.c} neurons={ns.neurons} artifacts=2 calibration=20")
     print(f"run_tests median of {ns.repeats}: {med:.2f} s ({', '.join(f'{x:.2f}' for x in times)}); "
           f"{med / ns.neurons:.2f} s per neuron")
 
