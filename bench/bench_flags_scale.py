@@ -8,6 +8,7 @@ Labels as ``bench_scale.py data`` builds them (one-hot leaf classes + 4,000 hype
 artifact or a concept; each neuron's best formulas are ``artifact AND NOT class`` (positive)
 and a plain concept (negative), so every pair has an all-rows test and one region test.
 Times ``run_tests`` (median of ``repeats``); ``--profile`` prints a pyinstrument profile of one run;
+``--delong`` times the DeLong intervals of the artifact AUROCs instead (as ``neuron_results``);
 ``--dump`` pickles the decision (to compare two versions of the code: ``PYTHONPATH=old/checkout``).
 """
 
@@ -64,6 +65,8 @@ def main() -> None:
     ap.add_argument("--neurons", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--delong", action="store_true",
+                    help="time instead the DeLong intervals of the artifact AUROCs (pipeline.neuron_results)")
     ap.add_argument("--dump", help="write the decision (every ArtifactTest and the calibration) to this pickle")
     ns = ap.parse_args()
 
@@ -77,6 +80,15 @@ def main() -> None:
 
     def once():
         return run_tests([(A, best)], Labels(Y, names), arts, rule, selection=1.0)
+
+    if ns.delong:
+        from auditor.delong import delong_ci
+
+        lab = Labels(Y, names)
+        block = A.astype(np.float64)
+
+        def once():  # noqa: F811 - what neuron_results does per block of neurons
+            return [delong_ci(block, lab(art)) for art in arts]
 
     if ns.profile:
         from pyinstrument import Profiler
@@ -97,11 +109,12 @@ def main() -> None:
         import pickle
 
         with open(ns.dump, "wb") as f:
-            pickle.dump(({k: [dataclasses.asdict(x) for x in v] for k, v in out.tests.items()}, out.calibration), f)
+            pickle.dump(out if ns.delong else ({k: [dataclasses.asdict(x) for x in v] for k, v in out.tests.items()},
+                                               out.calibration), f)
     med = statistics.median(times)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"load {os.getloadavg()[0]:.1f}; auditor from {Path(auditor.__file__).parent}; N={ns.n} C={ns.c} neurons={ns.neurons} artifacts=2 calibration=20")
-    print(f"run_tests median of {ns.repeats}: {med:.2f} s ({', '.join(f'{x:.2f}' for x in times)}); "
+    print(f"{'delong_ci' if ns.delong else 'run_tests'} median of {ns.repeats}: {med:.2f} s ({', '.join(f'{x:.2f}' for x in times)}); "
           f"{med / ns.neurons:.2f} s per neuron")
 
 

@@ -68,3 +68,22 @@ def test_degenerate_labels_give_nan():
     assert np.isnan(auc).all() and np.isnan(var).all()
     with pytest.raises(ValueError):
         delong(np.zeros((5, 2)), np.zeros(4, dtype=bool))
+
+
+def test_mid_counts_equal_the_rankdata_formulation_exactly():
+    """The binary-search mid-counts give bit for bit the components of the three-rankdata form."""
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(7)
+    for N, K in ((500, 3), (2000, 5)):
+        a = np.round(rng.normal(size=(N, K)), 1)  # ties, within and across the classes
+        a[rng.random((N, K)) < 0.2] = 0.0
+        y = rng.random(N) < 0.15
+        a[y] += 0.3
+        m, n = int(y.sum()), int((~y).sum())
+        r_all, r_pos, r_neg = rankdata(a, axis=0), rankdata(a[y], axis=0), rankdata(a[~y], axis=0)
+        v10 = (r_all[y] - r_pos) / n
+        v01 = 1.0 - (r_all[~y] - r_neg) / m
+        auc, var = delong(a, y)
+        np.testing.assert_array_equal(auc, v10.mean(axis=0))
+        np.testing.assert_array_equal(var, v10.var(axis=0, ddof=1) / m + v01.var(axis=0, ddof=1) / n)
