@@ -1,0 +1,66 @@
+"""The s-AMS cache: one folder per key, written atomically, reused when every input matches.
+
+The key covers what changes the images: the weights (:func:`auditor.activations.state_hash`),
+the architecture (:func:`auditor.activations.architecture_hash`), the layer, the
+reduction, the neurons, every :class:`~.generate.SamsParams` field, the input
+normalisation, the device type and the PyTorch version. Change any of them and the
+images are generated again; a folder whose array does not match its manifest is
+ignored and overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CACHE_FORMAT = 1
+
+
+def manifest(*, model_hash: str, architecture: str, layer: str, reduction: str, neurons: list[int],
+             params: dict[str, Any], mean, std, device_type: str, torch_version: str) -> dict[str, Any]:
+    return {"format": CACHE_FORMAT, "kind": "dora-sams", "model": model_hash, "architecture": architecture,
+            "layer": layer, "reduction": reduction, "neurons": [int(k) for k in neurons], "params": params,
+            "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
+            "device": device_type, "torch": torch_version}
+
+
+def folder_for(cache_dir: str | os.PathLike, man: dict[str, Any]) -> tuple[str, Path]:
+    from ..activations import cache_key
+
+    key = cache_key(man)
+    return key, Path(cache_dir) / "dora" / key
+
+
+def load(folder: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    path = folder / "sams.npy"
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if arr.shape != tuple(shape) or arr.dtype != np.uint8:
+        return None
+    return arr
+
+
+def save(folder: Path, man: dict[str, Any], sams: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic(folder / "manifest.json", lambda fh: fh.write(json.dumps(man, indent=1, sort_keys=True).encode()))
+    _atomic(folder / "sams.npy", lambda fh: np.save(fh, sams, allow_pickle=False))  # last: the commit marker
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
