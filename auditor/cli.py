@@ -45,6 +45,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         "flag_max_p": "flagging", "flag_min_auroc": "flagging", "artifact_auroc": "flagging",
         "flag_margin": "flagging", "fail_on_flag": "flagging",
         "flag_partial_auroc": "flagging", "flag_min_support": "flagging",
+        "dora": "DORA",
     }
     for name, info in FIELDS.items():
         if name in skip:
@@ -177,6 +178,20 @@ def cmd_synth(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dora(ns: argparse.Namespace) -> int:
+    from .config import load_config
+    from .dora.output import summary_lines, write_dora
+    from .pipeline import run_dora_only
+
+    cfg = load_config(ns.config, _overrides(ns))
+    result = run_dora_only(cfg, log=_info, progress=not ns.quiet)
+    written = write_dora(result, ns.out or cfg.out)
+    for line in summary_lines(result):
+        print(line)
+    _info(f"results: {written}")
+    return EXIT_OK
+
+
 def cmd_explain(ns: argparse.Namespace) -> int:
     from .explain_cli import run_explain
 
@@ -211,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_config_flags(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("dora", help="DORA: outlier neurons from synthetic activation-maximisation images (no labels)",
+                       description="Synthesise images that maximally activate every neuron of the layer (s-AMS), "
+                                   "feed them back, and list the neurons whose representations sit far from the "
+                                   "rest (Extreme-Activation distance + outlier scores). Writes OUT/dora.json and "
+                                   "the outliers' s-AMS as PNG files. Settings: the dora: section of the config "
+                                   "or --dora '{steps: 90, signals: 3}'. See docs/dora.md.")
+    p.add_argument("config", nargs="?", default=None, help="YAML config file (an audit config works)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_dora)
 
     p = sub.add_parser("layers", help="list a model's layer names with output shapes")
     p.add_argument("model", help="torchvision name, package.module:callable, file.py:callable or TorchScript file")
