@@ -192,7 +192,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     if cfg.dora is not None:
         t = time.perf_counter()
         dora, results = _run_dora(cfg, loaded.module, results, collected, probe, row_of, geometry, pre,
-                                  f"{type(loaded.module).__name__}|{model_hash}", log, progress)
+                                  model_hash, log, progress)
         timings["dora_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
 
@@ -281,7 +281,7 @@ def run_dora_only(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True
                     distance=d.distance, method=d.outliers, n_neighbors=d.neighbors, contamination=d.contamination,
                     mean=pre.mean if cfg.normalize else None, std=pre.std if cfg.normalize else None,
                     device=cfg.device, cache_dir=None if cfg.no_cache else cfg.cache_path,
-                    model_hash=f"{type(loaded.module).__name__}|{state_hash(loaded.module)}", log=log,
+                    model_hash=state_hash(loaded.module), log=log,
                     progress=progress)
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import ConfigError
 from . import image as _image
 from . import transforms as _tf
-from .objective import layer_values, own_neuron_objective
+from .objective import layer_values, objective_values
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,12 @@ def generate(model: nn.Module, layer: str, reduction: str, neurons: Sequence[int
 
     dev = torch.device(device)
     neurons = [int(k) for k in neurons]
+    model.to(dev)
+    with torch.no_grad():
+        grey = torch.full((1, 3, params.size, params.size), 0.5, device=dev)
+        K = layer_values(model, layer, reduction, grey).shape[1]
+    if any(not 0 <= k < K for k in neurons):
+        raise ConfigError(f"neurons must lie in 0–{K - 1} (layer {layer!r} has {K}), got {neurons}")
     S, H = params.signals, params.size
     items = [(k, s) for k in neurons for s in range(S)]
     out = np.empty((len(neurons), S, 3, H, H), dtype=np.uint8)
@@ -109,11 +115,7 @@ def generate(model: nn.Module, layer: str, reduction: str, neurons: Sequence[int
                     opt.zero_grad(set_to_none=True)
                     rgb = _image.to_rgb(spec, H, H, scale)
                     x = _tf.apply(rgb, params.robustness, params.seed, step)
-                    values = layer_values(model, layer, reduction, norm(x))
-                    if values.shape[1] <= int(own.max()):
-                        raise ConfigError(f"neuron {int(own.max())} asked for, but layer {layer!r} has "
-                                          f"{values.shape[1]} neurons")
-                    loss = -own_neuron_objective(values, own)
+                    loss = -objective_values(model, layer, reduction, norm(x), own).sum()
                     loss.backward()
                     opt.step()
                     bar.update(1)

@@ -7,6 +7,13 @@ token layer) or the unit itself for a (B, D) linear output. During s-AMS generat
 each image in the batch carries the neuron it is made for, and the objective is the
 sum over images of *that image's own neuron's* value, so one batch optimises many
 neurons at once.
+
+A rectified neuron that is zero on every position of an image gives no gradient
+(the grey starting image often does that). When the audited layer is itself an
+``nn.ReLU`` module, the objective of such an image is the same reduction of the
+ReLU's *input* (negative, rising towards zero) until the neuron switches on, after
+which it is the neuron's value again: a redirected ReLU in the spirit of lucid's,
+for the audited layer only. The values recorded in A are always the layer's output.
 """
 
 from __future__ import annotations
@@ -56,6 +63,26 @@ def layer_values(model: nn.Module, layer: str, reduction: str, x: torch.Tensor) 
         return reduce_values(store[layer], layer, reduction, x.shape[0])
 
 
-def own_neuron_objective(values: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
-    """Sum over the batch of each image's own neuron's value: ``values[b, neurons[b]]``."""
-    return values.gather(1, neurons.view(-1, 1)).sum()
+def objective_values(model: nn.Module, layer: str, reduction: str, x: torch.Tensor,
+                     neurons: torch.Tensor) -> torch.Tensor:
+    """(B,) each image's own neuron's value, redirected through a silent ReLU (see the module doc)."""
+    from ..models import resolve_layer
+
+    module = resolve_layer(model, layer)
+    pre: list[torch.Tensor] = []
+    handle = None
+    if isinstance(module, nn.ReLU):
+        def keep_input(_m, args):
+            if not pre and args and isinstance(args[0], torch.Tensor):
+                pre.append(args[0].clone() if module.inplace else args[0])
+        handle = module.register_forward_pre_hook(keep_input)
+    try:
+        values = layer_values(model, layer, reduction, x)
+    finally:
+        if handle is not None:
+            handle.remove()
+    own = values.gather(1, neurons.view(-1, 1)).squeeze(1)
+    if pre:
+        before = reduce_values(pre[0], layer, reduction, x.shape[0]).gather(1, neurons.view(-1, 1)).squeeze(1)
+        own = torch.where(own > 0, own, before)
+    return own

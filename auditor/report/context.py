@@ -13,6 +13,7 @@ from typing import Any
 
 from ..results import AuditResult, Concept, Explanation, Flag, LayerResult, NeuronResult
 from . import figures
+from .dora import dora_view
 from .env import data_image, fmt_num, fmt_seconds
 from .tables import concept_usage, neuron_row
 
@@ -484,6 +485,9 @@ class _Builder:
                         "p_adjusted": f.p_adjusted} for f in n.flags]}
             for i, lyr, n in flagged[MAX_CARDS:]
         ]
+        dora = dora_view(r, self.anchor, self.tokens, self.render_figures)
+        for c in cards:  # the s-AMS strip on flagged neurons' cards
+            c["dora"] = dora["cards"].get(c["anchor"]) if dora else None
         verdict = self.verdict()
         flagged_arts = [v for v in verdict if v["status"] == "flagged"]
         excluded = [c for c in r.concepts if c.status == "excluded"]
@@ -515,6 +519,7 @@ class _Builder:
             "n_concepts": len(r.concepts),
             "config": key_values(r.config or {}),
             "provenance": key_values(r.provenance or {}),
+            "dora": dora,
         }
 
 
