@@ -1,0 +1,57 @@
+"""DORA inside the audit: run_audit runs it after the explanations when the config has a
+``dora:`` section, keeps s-AMS only for flagged and outlier neurons, gives outliers top
+probe images, and the report shows both (the hand-set colour model, small and quick)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from auditor.cli import main
+from auditor.results import AuditResult
+
+DORA = "{size: 16, steps: 4, signals: 2, contamination: 0.25}"
+
+
+@pytest.fixture()
+def dora_run(colour_args, capsys):
+    args = colour_args + ["--formats", "json,html", "--dora", DORA, "-q"]
+    rc = main(["run"] + args)
+    err = capsys.readouterr().err
+    out = Path(args[args.index("--out") + 1])
+    return rc, err, out
+
+
+@pytest.mark.slow
+def test_audit_with_dora_results_and_report(dora_run):
+    rc, err, out = dora_run
+    assert rc == 1, err
+    result = AuditResult.load(out / "results.json")
+    assert result.dora is not None and result.config["dora"]["steps"] == 4
+    layer = result.dora.layers[0]
+    assert layer.name == "act" and layer.n_neurons == 4 and len(layer.outliers) == 1
+    flagged = {n.index for n in result.layers[0].neurons if n.flags}
+    assert flagged == {2}
+    keep = flagged | set(layer.outliers)
+    for n in layer.neurons:
+        assert (len(n.sams) == 2) == (n.index in keep), n.index  # images only where the report shows them
+        assert all(s.startswith("data:image/png;base64,") for s in n.sams)
+    by_index = {n.index: n for n in result.layers[0].neurons}
+    for k in layer.outliers:
+        assert by_index[k].top_images, "outliers get their top probe images"
+    assert "dora_s" in result.provenance["timings"]
+    html = (out / "report.html").read_text()
+    assert 'id="dora"' in html and "Unnamed outliers (DORA)" in html
+    assert "Synthetic images that maximise it (s-AMS, DORA)" in html  # on the flagged neuron's card
+    assert len(re.findall(r'alt="s-AMS', html)) >= 2
+    assert "an outlier is a neuron to look at, not a finding" in html.lower()
+
+
+@pytest.mark.slow
+def test_report_without_dora_has_no_dora_section(colour_args, capsys):
+    args = colour_args + ["--formats", "html", "-q"]
+    main(["run"] + args)
+    html = (Path(args[args.index("--out") + 1]) / "report.html").read_text()
+    assert 'id="dora"' not in html and "s-AMS" not in html
