@@ -126,7 +126,18 @@ def demo(args) -> dict:
     A = representation_matrix(activations_on(model, DEMO_LAYER, "mean", sams.reshape(K * S, *sams.shape[2:])), K, S)
     lw = outlier_scores(ea_distance(A, "layerwise"))
     wm = list(DEMO_WATERMARK_CHANNELS)
+    D = ea_distance(A, "pairwise")
+    off = np.where(np.eye(K, dtype=bool), -np.inf, A).max(axis=0)
+    probe_max = np.array([n.stats["max"] for n in layer.neurons])
+    near = {c: [int(j) for j in np.argsort(D[c])[1:5]] for c in wm}
     return {
+        "self_beats_probe_max": float(np.mean(np.diag(A) > probe_max)),
+        "self_beats_others_sams": float(np.mean(np.diag(A) > off)),
+        "inactive": dl.inactive,
+        "watermark_4_nearest": near,
+        "watermark_neighbours_in_group": float(np.mean([len(set(v) & set(wm)) / 4 for v in near.values()])),
+        "mean_ea_within_group": float(D[np.ix_(wm, wm)][np.triu_indices(len(wm), 1)].mean()),
+        "mean_ea_layer": float(D[np.triu_indices(K, 1)].mean()),
         "mode": "demo", "seconds_audit_with_dora": seconds, "dora_seconds": result.dora.seconds,
         "params": result.dora.params, "n_neurons": dl.n_neurons, "outliers_pairwise_lof": dl.outliers,
         "watermark_channels": wm,
@@ -137,7 +148,6 @@ def demo(args) -> dict:
         "invert_flagged": flagged,
         "invert_flagged_watermark": sorted(n.index for n in layer.neurons if any(f.artifact == "watermark"
                                                                                  for f in n.flags)),
-        "self_beats_others": float(np.mean(np.diag(A) > np.where(np.eye(K, dtype=bool), -np.inf, A).max(0))),
         "cache": info, "machine": _machine(),
     }
 

@@ -3,7 +3,7 @@
 The key covers what changes the images: the weights (:func:`auditor.activations.state_hash`),
 the architecture (:func:`auditor.activations.architecture_hash`), the layer, the
 reduction, the neurons, every :class:`~.generate.SamsParams` field, the input
-normalisation, the device type and the PyTorch version. Change any of them and the
+normalisation, the device type, the PyTorch version and the generator's version. Change any of them and the
 images are generated again; a folder whose array does not match its manifest is
 ignored and overwritten.
 """
@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 
 CACHE_FORMAT = 1
+#: Bump when the generation code changes what it makes (parameterisation, transforms, objective).
+GENERATOR_VERSION = 2  # 2: redirected ReLU for silent neurons
 
 
 def manifest(*, model_hash: str, architecture: str, layer: str, reduction: str, neurons: list[int],
              params: dict[str, Any], mean, std, device_type: str, torch_version: str) -> dict[str, Any]:
-    return {"format": CACHE_FORMAT, "kind": "dora-sams", "model": model_hash, "architecture": architecture,
+    return {"format": CACHE_FORMAT, "generator": GENERATOR_VERSION, "kind": "dora-sams", "model": model_hash, "architecture": architecture,
             "layer": layer, "reduction": reduction, "neurons": [int(k) for k in neurons], "params": params,
             "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
             "device": device_type, "torch": torch_version}
