@@ -66,7 +66,7 @@ class DoraSection(BaseModel):
     size: int | None = Field(None, ge=8, description="s-AMS side in pixels (default: the model's crop size, "
                              "else the probe images' size, else 224)")
     steps: int = Field(90, ge=1, description="Adam steps per s-AMS")
-    lr: float = Field(0.018, gt=0.0, description="Adam learning rate")
+    lr: float = Field(0.05, gt=0.0, description="Adam learning rate")
     signals: int = Field(3, ge=1, description="s-AMS per neuron (different random starts)")
     batch_size: int = Field(64, ge=1, description="images per optimisation batch (many neurons per batch)")
     seed: int = Field(0, description="seed: the same seed gives the same s-AMS")

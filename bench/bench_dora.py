@@ -10,7 +10,7 @@ Modes:
   ``--repeats``.
 * ``gpu``: the same at 224², 90 steps, a 512-channel layer (torchvision resnet18
   ``layer4``, seeded random weights), on CUDA. Needs a GPU.
-* ``demo``: the demo audit with DORA on at its defaults (90 steps, 3 signals, lr 0.018,
+* ``demo``: the demo audit with DORA on at its defaults (90 steps, 3 signals, lr 0.05,
   64², LOF on the pairwise EA distance), then, on the same s-AMS, the layer-wise
   distance too. Prints where the planted watermark channels (``DEMO_WATERMARK_CHANNELS``)
   rank among DORA's outliers, side by side with INVERT's flags. Nothing is tuned.
@@ -106,7 +106,7 @@ def demo(args) -> dict:
 
     cache = args.cache_dir or tempfile.mkdtemp(prefix="dora-bench-")
     cfg = demo_config(out=os.path.join(cache, "out"), device="cpu", cache_dir=cache, formats="json")
-    cfg = cfg.model_copy(update={"dora": DoraSection()})
+    cfg = cfg.model_copy(update={"dora": DoraSection(**({"lr": args.lr} if args.lr else {}))})
     t = time.perf_counter()
     result = run_audit(cfg, progress=False, log=lambda m: print(m, file=sys.stderr))
     seconds = time.perf_counter() - t
@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--lr", type=float, default=None, help="demo: another Adam learning rate (sensitivity)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     out = {"speed": speed, "gpu": gpu, "demo": demo}[args.mode](args)

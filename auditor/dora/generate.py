@@ -34,7 +34,7 @@ class SamsParams:
 
     size: int = 224  # image side in pixels
     steps: int = 90  # Adam steps
-    lr: float = 0.018  # Adam learning rate (the DORA reference package's default)
+    lr: float = 0.05  # Adam learning rate (lucent's default for this parameterisation; see docs/dora.md)
     signals: int = 3  # s-AMS per neuron, from different random starts
     seed: int = 0
     batch_size: int = 64  # images per optimisation batch (neurons × signals are packed into batches)
