@@ -279,3 +279,12 @@ def test_results_round_trip_and_old_files_have_no_dora(tmp_path):
     full = AuditResult(**base, dora=dora)
     full.save(path)
     assert AuditResult.load(path) == full
+
+
+def test_the_map_reproduces_planar_distances():
+    from auditor.dora import embed_2d
+
+    pts = np.random.default_rng(0).random((12, 2))
+    D = np.linalg.norm(pts[:, None] - pts[None], axis=-1)
+    xy = embed_2d(D)
+    assert np.allclose(np.linalg.norm(xy[:, None] - xy[None], axis=-1), D, atol=1e-6)

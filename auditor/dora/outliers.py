@@ -87,10 +87,19 @@ def outlier_scores(D: np.ndarray, method: str = "lof", n_neighbors: int | None =
 
 def embed_2d(D: np.ndarray, seed: int = 0) -> np.ndarray:
     """(K, 2) metric-MDS coordinates of the precomputed distances."""
+    import inspect
+
     from sklearn.manifold import MDS
 
+    params = inspect.signature(MDS).parameters
+    kw: dict = {"n_components": 2, "random_state": seed, "n_init": 1, "normalized_stress": "auto"}
+    if "metric_mds" in params:  # scikit-learn >= 1.8: `metric` names the dissimilarity
+        kw.update(metric="precomputed", metric_mds=True)
+    else:
+        kw.update(dissimilarity="precomputed", metric=True)
+    if "init" in params:
+        kw["init"] = "classical_mds"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        mds = MDS(n_components=2, metric="precomputed", random_state=seed, n_init=1, init="classical_mds",
-                  normalized_stress="auto")
+        mds = MDS(**kw)
         return np.asarray(mds.fit_transform(np.asarray(D, dtype=np.float64)), dtype=np.float64)
