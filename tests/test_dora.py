@@ -288,3 +288,38 @@ def test_the_map_reproduces_planar_distances():
     D = np.linalg.norm(pts[:, None] - pts[None], axis=-1)
     xy = embed_2d(D)
     assert np.allclose(np.linalg.norm(xy[:, None] - xy[None], axis=-1), D, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,reduction", [((3, 5, 4, 4), "mean"), ((3, 5, 4, 4), "max"), ((3, 7, 5), "cls"),
+                                             ((3, 7, 5), "mean"), ((3, 7, 5), "max"), ((3, 6), "mean")])
+def test_objective_reduction_is_the_activation_collections(shape, reduction):
+    from auditor.activations import reduce_output
+    from auditor.dora.objective import reduce_values
+
+    out = torch.randn(*shape)
+    want, _ = reduce_output(out, "layer", reduction)
+    assert torch.equal(reduce_values(out, "layer", reduction, shape[0]), want)
+    if len(shape) == 3:  # a sequence-first (T, B, D) output is turned around
+        assert torch.equal(reduce_values(out.transpose(0, 1), "layer", reduction, shape[0]), want)
+
+
+def test_sams_for_a_token_layer_and_a_linear_layer():
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Conv2d(3, 6, 4, stride=4)
+            self.blocks = torch.nn.Linear(6, 6)
+            self.head = torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            t = self.embed(x).flatten(2).transpose(1, 2)  # (B, 16, 6)
+            t = torch.cat([t.mean(1, keepdim=True), t], 1)  # a CLS-like token first
+            t = self.blocks(t)
+            return self.head(t[:, 0])
+
+    model = Tokens().eval()
+    for layer, reduction, K in (("blocks", "cls", 6), ("blocks", "mean", 6), ("head", "mean", 3)):
+        sams = generate(model, layer, reduction, list(range(K)), TINY, progress=False)
+        values = activations_on(model, layer, reduction, sams.reshape(K * 2, 3, 16, 16))
+        assert values.shape == (K * 2, K)
