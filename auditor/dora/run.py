@@ -18,6 +18,7 @@ from .objective import layer_values
 from .outliers import embed_2d, outlier_scores
 
 THUMB_SIDE = 96  # s-AMS kept in the results are at most this many pixels per side
+THUMB_COLOURS = 128  # ... as palette PNGs (about 2.5x smaller; the exact 8-bit images stay in the cache)
 
 
 def n_neurons(model: nn.Module, layer: str, reduction: str, size: int, device, mean=None, std=None) -> int:
@@ -67,7 +68,7 @@ def sams_for_layer(model: nn.Module, layer: str, reduction: str, params: SamsPar
 
 
 def png_uri(img_u8: np.ndarray, side: int = THUMB_SIDE) -> str:
-    """(3, H, W) uint8 -> a PNG data URI, downscaled to at most ``side`` pixels."""
+    """(3, H, W) uint8 -> a palette PNG data URI, downscaled to at most ``side`` pixels."""
     from PIL import Image
 
     from ..evidence import data_uri
@@ -75,6 +76,7 @@ def png_uri(img_u8: np.ndarray, side: int = THUMB_SIDE) -> str:
     im = Image.fromarray(np.ascontiguousarray(img_u8.transpose(1, 2, 0)))
     if max(im.size) > side:
         im = im.resize((side, side), Image.BILINEAR)
+    im = im.quantize(colors=THUMB_COLOURS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     return data_uri(im, fmt="PNG")
 
 
