@@ -29,7 +29,7 @@ import scipy.sparse as sp
 
 from .errors import DataError, did_you_mean
 from .formats import (IMAGE_SUFFIXES, PATH_HEADERS, LabelTable, expand, first_occurrences,  # noqa: F401
-                      frame_to_wide, read_hierarchy, read_labels, read_wide_csv_table)
+                      has_class_folders, read_hierarchy, read_label_matrix, read_labels, read_wide_csv_table)
 
 
 @dataclass(frozen=True)
@@ -502,7 +502,7 @@ def load_probe_set(images: str | os.PathLike | None, labels: str | os.PathLike |
     if labels_path is not None and labels_path.is_dir():
         raise DataError(f"labels {labels_path} is a folder, not a file; for class folders (ImageFolder layout) "
                         "leave --labels out (or set labels_format: folders)")
-    if labels_path is None and labels_format == "auto" and not _looks_like_folders(root) and not allow_no_concepts:
+    if labels_path is None and labels_format == "auto" and not has_class_folders(root) and not allow_no_concepts:
         raise DataError(f"no labels file given and {root} has no class folders: pass --labels FILE (CSV, Parquet, "
                         "COCO JSON or .npz), or arrange the images as root/<class>/image.png")
     table = read_labels(root, labels_path, labels_format)
@@ -530,12 +530,6 @@ def load_probe_set(images: str | os.PathLike | None, labels: str | os.PathLike |
                     hierarchy_sha256=h_sha, warnings=list(table.warnings), pairs=pairs)
 
 
-def _looks_like_folders(root: Path) -> bool:
-    from .formats import has_class_folders
-
-    return has_class_folders(root)
-
-
 def check_artifacts(probe: ProbeSet, artifacts: list[str] | tuple[str, ...]) -> None:
     """Every artifact must be a concept with at least one positive and one negative image."""
     where = probe.labels_file or (f"the class folders of {probe.root}" if probe.labels_format == "folders"
@@ -552,75 +546,3 @@ def check_artifacts(probe: ProbeSet, artifacts: list[str] | tuple[str, ...]) -> 
         if n_pos == col.shape[0]:
             raise DataError(f"artifact {name!r} is positive on every image in {where}; "
                             "the probe set also needs images without it")
-
-
-# -- label tables without images (``auditor explain``) ---------------------------------
-
-def _matrix_from_frame(df, source: str) -> tuple[list[str] | None, list[str], np.ndarray]:
-    paths, cols, values, _sources = frame_to_wide(df, source)
-    return paths, cols, values
-
-
-def read_label_matrix(path: str | os.PathLike):
-    """Labels for ``auditor explain``: (paths or None, concept names, (N, C) bool or scipy CSR).
-
-    Formats: ``.csv`` and ``.parquet`` (optional leading path column, then 0/1
-    columns); ``.npz`` with ``concepts`` and either a dense ``labels`` matrix or
-    CSR parts ``indptr``, ``indices``, ``shape``.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"labels file not found: {p}")
-    suffix = p.suffix.lower()
-    if suffix == ".csv":
-        import pandas as pd
-
-        try:
-            df = pd.read_csv(p)
-        except Exception as exc:
-            raise DataError(f"cannot read labels CSV {p}: {exc}") from None
-        return _matrix_from_frame(df, str(p))
-    if suffix in (".parquet", ".pq"):
-        import pandas as pd
-
-        try:
-            df = pd.read_parquet(p)
-        except Exception as exc:
-            raise DataError(f"cannot read labels Parquet {p}: {exc}") from None
-        return _matrix_from_frame(df, str(p))
-    if suffix == ".npz":
-        try:
-            z = np.load(p, allow_pickle=False)
-        except Exception as exc:
-            raise DataError(f"cannot read labels archive {p}: {exc}") from None
-        with z:
-            if "concepts" not in z.files:
-                raise DataError(f"{p} has no 'concepts' array (concept names); found {z.files}")
-            concepts = [str(c) for c in z["concepts"]]
-            paths = [str(s) for s in z["paths"]] if "paths" in z.files else None
-            if "labels" in z.files:
-                lab = z["labels"]
-                if lab.ndim != 2:
-                    raise DataError(f"{p}: 'labels' must be 2-D (N, C), got shape {lab.shape}")
-                if lab.dtype != bool:
-                    bad = ~np.isin(lab, (0, 1))
-                    if bad.any():
-                        i, j = np.argwhere(bad)[0]
-                        raise DataError(f"{p} row {i}, concept {concepts[j]!r}: value {lab[i, j].item()!r} is not 0 or 1")
-                    lab = lab.astype(bool)
-            elif {"indptr", "indices", "shape"} <= set(z.files):
-                import scipy.sparse as sp
-
-                shape = tuple(int(s) for s in z["shape"])
-                data = z["data"] if "data" in z.files else np.ones(len(z["indices"]), dtype=bool)
-                if not np.isin(data, (0, 1)).all():
-                    raise DataError(f"{p}: sparse label values must be 0 or 1")
-                lab = sp.csr_matrix((data.astype(bool), z["indices"], z["indptr"]), shape=shape)
-                lab.eliminate_zeros()
-            else:
-                raise DataError(f"{p} must hold 'labels' (dense N×C) or 'indptr', 'indices', 'shape' (CSR); "
-                                f"found {z.files}")
-        if lab.shape[1] != len(concepts):
-            raise DataError(f"{p}: {lab.shape[1]} label columns but {len(concepts)} concept names")
-        return paths, concepts, lab
-    raise DataError(f"unsupported labels format {suffix or '(none)'!r} for {p}; expected .csv, .parquet or .npz")

@@ -452,8 +452,6 @@ def read_long(path: Path, parquet: bool = False) -> LabelTable:
 # -- npz --------------------------------------------------------------------------------
 
 def read_npz(path: Path) -> LabelTable:
-    from .data import read_label_matrix
-
     paths, concepts, lab = read_label_matrix(path)
     if paths is None:
         raise DataError(f"{path} has no 'paths' array; a probe set needs the image path of every row "
@@ -463,6 +461,76 @@ def read_npz(path: Path) -> LabelTable:
     if sp.issparse(lab):
         lab = sp.csr_matrix(lab, dtype=bool)
     return LabelTable(paths=paths, concepts=concepts, labels=lab, format="npz", file=str(path))
+
+
+# -- label matrices without images (``auditor explain``) -------------------------------
+
+def _matrix_from_frame(df, source: str) -> tuple[list[str] | None, list[str], np.ndarray]:
+    paths, cols, values, _sources = frame_to_wide(df, source)
+    return paths, cols, values
+
+
+def read_label_matrix(path: str | os.PathLike):
+    """Labels for ``auditor explain``: (paths or None, concept names, (N, C) bool or scipy CSR).
+
+    Formats: ``.csv`` and ``.parquet`` (optional leading path column, then 0/1
+    columns); ``.npz`` with ``concepts`` and either a dense ``labels`` matrix or
+    CSR parts ``indptr``, ``indices``, ``shape``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"labels file not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix == ".csv":
+        import pandas as pd
+
+        try:
+            df = pd.read_csv(p)
+        except Exception as exc:
+            raise DataError(f"cannot read labels CSV {p}: {exc}") from None
+        return _matrix_from_frame(df, str(p))
+    if suffix in (".parquet", ".pq"):
+        import pandas as pd
+
+        try:
+            df = pd.read_parquet(p)
+        except Exception as exc:
+            raise DataError(f"cannot read labels Parquet {p}: {exc}") from None
+        return _matrix_from_frame(df, str(p))
+    if suffix == ".npz":
+        try:
+            z = np.load(p, allow_pickle=False)
+        except Exception as exc:
+            raise DataError(f"cannot read labels archive {p}: {exc}") from None
+        with z:
+            if "concepts" not in z.files:
+                raise DataError(f"{p} has no 'concepts' array (concept names); found {z.files}")
+            concepts = [str(c) for c in z["concepts"]]
+            paths = [str(s) for s in z["paths"]] if "paths" in z.files else None
+            if "labels" in z.files:
+                lab = z["labels"]
+                if lab.ndim != 2:
+                    raise DataError(f"{p}: 'labels' must be 2-D (N, C), got shape {lab.shape}")
+                if lab.dtype != bool:
+                    bad = ~np.isin(lab, (0, 1))
+                    if bad.any():
+                        i, j = np.argwhere(bad)[0]
+                        raise DataError(f"{p} row {i}, concept {concepts[j]!r}: value {lab[i, j].item()!r} is not 0 or 1")
+                    lab = lab.astype(bool)
+            elif {"indptr", "indices", "shape"} <= set(z.files):
+                shape = tuple(int(s) for s in z["shape"])
+                data = z["data"] if "data" in z.files else np.ones(len(z["indices"]), dtype=bool)
+                if not np.isin(data, (0, 1)).all():
+                    raise DataError(f"{p}: sparse label values must be 0 or 1")
+                lab = sp.csr_matrix((data.astype(bool), z["indices"], z["indptr"]), shape=shape)
+                lab.eliminate_zeros()
+            else:
+                raise DataError(f"{p} must hold 'labels' (dense N×C) or 'indptr', 'indices', 'shape' (CSR); "
+                                f"found {z.files}")
+        if lab.shape[1] != len(concepts):
+            raise DataError(f"{p}: {lab.shape[1]} label columns but {len(concepts)} concept names")
+        return paths, concepts, lab
+    raise DataError(f"unsupported labels format {suffix or '(none)'!r} for {p}; expected .csv, .parquet or .npz")
 
 
 # -- class folders ----------------------------------------------------------------------

@@ -84,7 +84,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
     import torch
 
     from . import invert
-    from .activations import build_transform, collect, state_hash
+    from .collect import build_transform, collect, state_hash
     from .data import check_artifacts, load_probe_set
     from .models import load_model, resolve_layer
     from .paired import neuron_paired, paired_effects_by_artifact
@@ -252,7 +252,7 @@ def run_dora_only(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True
     Uses ``cfg.dora`` (its defaults when the config has no ``dora:`` section).
     Returns a :class:`~auditor.results.DoraResult` with s-AMS images for the outliers.
     """
-    from .activations import state_hash
+    from .collect import state_hash
     from .config import DoraSection
     from .dora import run_dora
     from .models import load_model, resolve_layer

@@ -393,12 +393,14 @@ def _write(probe, tmp: Path, artifacts, gens, params, chosen, seed: int, link_cl
             made_dirs.add(p.parent)
         return p
 
+    root = probe.root
+    concepts_of = concepts_by_row(probe.labels, probe.concepts)  # once, not a label lookup per row
     try:
         with open(tmp / LABELS_NAME, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh, lineterminator="\n")
             w.writerow(["path", "concept", "source"])
             for i, rel in enumerate(probe.paths):
-                src = probe.full_path(i)
+                src = root / rel
                 dst = target(CLEAN_DIR, rel)
                 if link_clean:
                     try:
@@ -407,22 +409,32 @@ def _write(probe, tmp: Path, artifacts, gens, params, chosen, seed: int, link_cl
                         shutil.copyfile(src, dst)
                 else:
                     shutil.copyfile(src, dst)
-                concepts = probe.row_concepts(i)
-                for c in concepts or [""]:
+                for c in concepts_of[i] or [""]:
                     w.writerow([f"{CLEAN_DIR}/{rel}", c, ""])
                 bar.update(1)
             for a in artifacts:
                 gen, p = gens[a], params.get(a, {})
                 for i in chosen[a]:
                     rel = probe.paths[i]
-                    data = synthesise_image(probe.full_path(i), gen, image_rng(seed, a, rel), p, jpeg_quality)
+                    data = synthesise_image(root / rel, gen, image_rng(seed, a, rel), p, jpeg_quality)
                     target(a, rel).write_bytes(data)
-                    concepts = [c for c in probe.row_concepts(i) if c != a] + [a]
+                    concepts = [c for c in concepts_of[i] if c != a] + [a]
                     for c in concepts:
                         w.writerow([f"{a}/{rel}", c, f"{CLEAN_DIR}/{rel}"])
                     bar.update(1)
     finally:
         bar.close()
+
+
+def concepts_by_row(labels, concepts: Sequence[str]) -> list[list[str]]:
+    """Names of the positive concepts of every row of an (N, C) bool matrix (dense or sparse), in column order."""
+    import scipy.sparse as sp
+
+    csr = sp.csr_matrix(labels, dtype=bool)
+    csr.eliminate_zeros()
+    csr.sort_indices()
+    cols, ptr = csr.indices.tolist(), csr.indptr.tolist()
+    return [[concepts[j] for j in cols[ptr[i]:ptr[i + 1]]] for i in range(csr.shape[0])]
 
 
 def _generator_fingerprint(names: Sequence[str]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Benchmarks for activation collection (auditor.activations.collect).
+"""Benchmarks for activation collection (auditor.collect.collect).
 
     python bench/bench_activations.py throughput [--device cpu|cuda] [--models resnet18,vit_b_16] [--n 256]
     python bench/bench_activations.py rss [--sizes 25000,50000,100000,200000]
@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from auditor.activations import TensorImages, build_transform, collect, state_hash  # noqa: E402
+from auditor.collect import TensorImages, build_transform, collect, state_hash  # noqa: E402
 from auditor.models import Preprocessing  # noqa: E402
 
 LAYERS = {"resnet18": ("layer4", "mean"), "vit_b_16": ("encoder.layers.encoder_layer_11", "cls")}
@@ -91,7 +91,7 @@ def bare_forward(model, batches, dev, precision="float32", channels_last=False) 
     """(wall, CPU) seconds for the full model's forward pass over ``batches`` (host tensors, copied in)."""
     ctx = torch.autocast(dev.type, dtype=getattr(torch, precision)) if precision in ("bfloat16", "float16") \
         else torch.autocast(dev.type, enabled=False)
-    from auditor.activations import _numerics  # the same TF32 settings as collect uses
+    from auditor.collect.device import numerics as _numerics  # the same TF32 settings as collect uses
 
     sync(dev)
     with Clock() as c, ctx, _numerics(precision, dev):
@@ -144,7 +144,7 @@ def decode_only(probe, transform, workers: int, batch_size: int) -> tuple[float,
     """(wall, CPU of this process) seconds to read, decode and preprocess every image (the data pipeline alone)."""
     from torch.utils.data import DataLoader
 
-    from auditor.activations import ProbeImages, _collate
+    from auditor.collect.load import ProbeImages, collate as _collate
     ds = ProbeImages(probe, transform)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                         **({"prefetch_factor": 2} if workers else {}))
@@ -348,7 +348,7 @@ def demo_findings(device: str, precisions: list[str]) -> dict:
     """The demo audit under each precision: same formulas and flags as float32?"""
     import functools
 
-    import auditor.activations as acts
+    import auditor.collect as acts
     from auditor.demo.run import demo_config
     from auditor.pipeline import run_audit
 

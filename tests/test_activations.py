@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from auditor.activations import TopK, build_transform, capture, collect, state_hash
+from auditor.collect import TopK, build_transform, capture, collect, state_hash
 from auditor.data import load_probe_set
 from auditor.errors import DataError, LayerError
 from auditor.models import Preprocessing, load_model

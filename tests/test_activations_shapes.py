@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from auditor.activations import (REDUCTIONS, TensorImages, collect, patch_grid, reduce_output,
+from auditor.collect import (REDUCTIONS, TensorImages, collect, patch_grid, reduce_output,
                                  register_reduction)
 from auditor.errors import ConfigError, LayerError
 

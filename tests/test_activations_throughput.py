@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from auditor.activations import TensorImages, build_transform, collect, resolve_precision, state_hash
+from auditor.collect import TensorImages, build_transform, collect, resolve_precision, state_hash
 from auditor.data import ProbeSet, load_probe_set
 from auditor.errors import ModelError
 from auditor.models import Preprocessing, load_model
@@ -202,7 +202,7 @@ def test_resume_after_the_process_is_killed(setup, tmp_path):
 import sys, time, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 torch.set_num_threads(1)
-from auditor.activations import build_transform, collect, state_hash
+from auditor.collect import build_transform, collect, state_hash
 from auditor.data import load_probe_set
 from auditor.models import Preprocessing, load_model
 from conftest import COLOUR_MODEL

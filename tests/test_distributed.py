@@ -17,7 +17,7 @@ HERE = Path(__file__).parent
 
 
 def _collect(images, labels, cache, chunk_size, **kw):
-    from auditor.activations import build_transform, collect, state_hash
+    from auditor.collect import build_transform, collect, state_hash
     from auditor.data import load_probe_set
     from auditor.models import Preprocessing, load_model
     from conftest import COLOUR_MODEL
@@ -130,7 +130,7 @@ def test_torchrun_two_processes_equal_one(colour_probe, tmp_path):
 @pytest.mark.slow
 def test_torchrun_resumes_a_partial_cache(colour_probe, tmp_path):
     """Chunks left by an interrupted single-process run are reused by a distributed run."""
-    from auditor.activations import build_transform, collect, state_hash
+    from auditor.collect import build_transform, collect, state_hash
     from auditor.data import load_probe_set
     from auditor.models import Preprocessing, load_model
     from conftest import COLOUR_MODEL

@@ -293,7 +293,7 @@ def test_the_map_reproduces_planar_distances():
 @pytest.mark.parametrize("shape,reduction", [((3, 5, 4, 4), "mean"), ((3, 5, 4, 4), "max"), ((3, 7, 5), "cls"),
                                              ((3, 7, 5), "mean"), ((3, 7, 5), "max"), ((3, 6), "mean")])
 def test_objective_reduction_is_the_activation_collections(shape, reduction):
-    from auditor.activations import reduce_output
+    from auditor.collect import reduce_output
     from auditor.dora.objective import reduce_values
 
     out = torch.randn(*shape)

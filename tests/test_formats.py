@@ -416,3 +416,13 @@ def test_coco_string_ids(tmp_path):
     img_root, ann = _coco(tmp_path, images=images, annotations=anns, categories=bad)
     with pytest.raises(DataError, match=r"category id 'c1' is used twice \(categories\[0\] and categories\[1\]\)"):
         load_probe_set(img_root, ann)
+
+
+def test_formats_does_not_import_data():
+    """The label readers sit below data.py: importing formats must not pull data in (no import cycle)."""
+    import subprocess
+    import sys
+
+    code = "import sys, auditor.formats; print('auditor.data' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

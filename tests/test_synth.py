@@ -242,3 +242,17 @@ def test_config_synth_section():
         make_config({"synth": {"artifacts": ["a"], "fractoin": 1}})
     cfg = make_config({"labels_format": "coco", "hierarchy": "h.json"})
     assert cfg.labels_format == "coco" and cfg.hierarchy == "h.json"
+
+
+def test_concepts_by_row_matches_the_probe_rows():
+    import scipy.sparse as sp
+
+    from auditor.synth import concepts_by_row
+
+    rng = np.random.default_rng(3)
+    Y = rng.random((40, 7)) < 0.3
+    names = [f"c{j}" for j in range(7)]
+    want = [[names[j] for j in range(7) if Y[i, j]] for i in range(40)]
+    assert concepts_by_row(Y, names) == want
+    assert concepts_by_row(sp.csr_matrix(Y), names) == want
+    assert concepts_by_row(sp.csc_matrix(Y), names) == want

@@ -8,7 +8,7 @@ magenta watermark must raise it on every pair, while the background channels do 
 import numpy as np
 import pytest
 
-from auditor.activations import build_transform, collect
+from auditor.collect import build_transform, collect
 from auditor.data import check_artifacts, load_probe_set
 from auditor.models import Preprocessing, load_model
 from auditor.paired import neuron_paired, paired_effects, paired_effects_by_artifact

@@ -20,6 +20,7 @@ def test_built_wheel_renders_a_report_from_its_own_files(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "auditor/_templates/report.html.j2" in names and "auditor/_templates/report.css" in names
     assert "auditor/demo/demo_model.pt" in names
+    assert "auditor/collect/run.py" in names and "auditor/collect/__init__.py" in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     # Render a saved result using only the unpacked wheel (run outside the repository).

@@ -1,7 +1,7 @@
 """The s-AMS cache: one folder per key, written atomically, reused when every input matches.
 
-The key covers what changes the images: the weights (:func:`auditor.activations.state_hash`),
-the architecture (:func:`auditor.activations.architecture_hash`), the layer, the
+The key covers what changes the images: the weights (:func:`auditor.collect.state_hash`),
+the architecture (:func:`auditor.collect.architecture_hash`), the layer, the
 reduction, the neurons, every :class:`~.generate.SamsParams` field, the input
 normalisation, the device type, the PyTorch version and the generator's version. Change any of them and the
 images are generated again; a folder whose array does not match its manifest is
@@ -32,7 +32,7 @@ def manifest(*, model_hash: str, architecture: str, layer: str, reduction: str, 
 
 
 def folder_for(cache_dir: str | os.PathLike, man: dict[str, Any]) -> tuple[str, Path]:
-    from ..activations import cache_key
+    from ..collect import cache_key
 
     key = cache_key(man)
     return key, Path(cache_dir) / "dora" / key

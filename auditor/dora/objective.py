@@ -1,7 +1,7 @@
 """The channel objective: the audit's reduction of each neuron, read with a forward hook.
 
 A neuron's value on an image is exactly what the activation collection records for
-it (:mod:`auditor.activations`): the registered reduction (``mean`` / ``max`` over
+it (:mod:`auditor.collect`): the registered reduction (``mean`` / ``max`` over
 the H×W map of a conv channel; ``cls`` / ``mean`` / ``max`` over the tokens of a
 token layer) or the unit itself for a (B, D) linear output. During s-AMS generation
 each image in the batch carries the neuron it is made for, and the objective is the
@@ -21,40 +21,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..activations import REDUCTION_KINDS, REDUCTIONS, capture, forward_until, layer_kind
+from ..collect import REDUCTIONS, capture, forward_until
+from ..collect.reduce import reduce_layer_output
 from ..errors import LayerError
 
 
 def reduce_values(out, name: str, reduction: str, batch: int) -> torch.Tensor:
-    """(B, K) float32 neuron values of a layer output, as the activation collection reduces it."""
+    """(B, K) float32 neuron values of a layer output, exactly as the activation collection reduces it."""
     if isinstance(out, (tuple, list)):
         out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise LayerError(f"layer {name!r} returned {type(out).__name__}, not a tensor; pick another layer")
-    kind = layer_kind(out.dim())
-    if kind == "unsupported":
-        raise LayerError(f"layer {name!r} has output shape {tuple(out.shape)}; supported: (B, C, H, W) conv, "
-                         "(B, T, D) token and (B, D) linear outputs")
-    if kind == "linear":
-        return out.float()
     if reduction not in REDUCTIONS:
         raise LayerError(f"unknown reduction {reduction!r}; registered: {sorted(REDUCTIONS)}")
-    if kind not in REDUCTION_KINDS[reduction]:
-        fits = sorted(r for r, kinds in REDUCTION_KINDS.items() if kind in kinds)
-        raise LayerError(f"reduction {reduction!r} does not apply to layer {name!r} with output "
-                         f"{tuple(out.shape)}; use one of {fits}")
-    if kind == "spatial":
-        return REDUCTIONS[reduction](out.flatten(2), 2)
-    if out.shape[0] != batch and out.shape[1] == batch:  # sequence-first (T, B, D)
-        out = out.transpose(0, 1)
-    return REDUCTIONS[reduction](out, 1)
+    return reduce_layer_output(out, name, reduction, batch)[0]
 
 
 def layer_values(model: nn.Module, layer: str, reduction: str, x: torch.Tensor) -> torch.Tensor:
     """(B, K) values of ``layer`` on inputs ``x``; the forward pass stops after the layer.
 
     Gradients flow when the caller has them enabled. Hooks come off and the model's
-    train/eval mode is restored (by :func:`auditor.activations.capture`).
+    train/eval mode is restored (by :func:`auditor.collect.capture`).
     """
     with capture(model, [layer], stop_early=True) as store:
         forward_until(model, x)

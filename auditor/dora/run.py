@@ -34,7 +34,7 @@ def sams_for_layer(model: nn.Module, layer: str, reduction: str, params: SamsPar
                    neurons: Sequence[int] | None = None, log: Callable[[str], None] = lambda m: None,
                    progress: bool = True) -> tuple[np.ndarray, list[int], dict]:
     """(s-AMS (K, S, 3, H, W) uint8, the neurons, cache info): from the cache when every input matches."""
-    from ..activations import architecture_hash, state_hash
+    from ..collect import architecture_hash, state_hash
 
     dev = torch.device(device)
     K = n_neurons(model, layer, reduction, params.size, dev, mean, std)
@@ -91,7 +91,7 @@ def run_dora(model: nn.Module, layers: Sequence[str], *, reduction: str | Mappin
     ``keep`` names, per layer, neurons whose s-AMS images go into the result besides
     the outliers (the audit passes its flagged neurons).
     """
-    from ..activations import resolve_device
+    from ..collect import resolve_device
     from .distance import FORMS
     from .outliers import METHODS
 

@@ -1,0 +1,72 @@
+"""Files on disk that are never read half-written: atomic writes, chunk files, temp cleanup."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+STALE_TMP_S = 3600.0  # leftover temp files older than this are removed
+
+def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_chunk(path: Path) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception:
+        return None  # unreadable chunk: recompute it
+
+
+def chunk_valid(chunk: dict[str, np.ndarray] | None, n: int, n_layers: int) -> bool:
+    if chunk is None or "ok" not in chunk or len(chunk["ok"]) != n:
+        return False
+    for li in range(n_layers):
+        v = chunk.get(f"L{li}/values")
+        if v is None or v.ndim != 2 or v.shape[0] != n:
+            return False
+    return True
+
+
+def clean_stale_tmp(folder: Path) -> None:
+    now = time.time()
+    for p in folder.glob(".tmp-*"):
+        try:
+            if now - p.stat().st_mtime > STALE_TMP_S:
+                p.unlink()
+        except OSError:
+            pass
+
+
+def remove_scratch(scratch: Path) -> None:
+    if os.name == "nt":  # open memory maps pin their files on Windows: remove at exit
+        import atexit
+        atexit.register(shutil.rmtree, scratch, True)
+    else:  # POSIX: the mapped data stays readable after the files are unlinked
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,246 @@
+"""``collect``: the probe set through the model into each layer's (N, K) activations,
+cached on disk. Decides what the cache already holds, what to compute, and (under
+``torchrun``) which rank computes what."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import ProbeSet
+from ..errors import ConfigError, DataError
+from ..models import Preprocessing, resolve_layer
+from .assemble import Assembler, load_final
+from .batches import compute
+from .cache import cache_key, cache_manifest, images_fingerprint
+from .device import resolve_device, resolve_precision
+from .files import atomic_write_text, chunk_valid, clean_stale_tmp, load_chunk, remove_scratch
+from .load import TensorImages
+from .reduce import normalise_reductions
+from .result import Collected, make_result
+
+DECODERS = ("pil", "device")
+FINGERPRINTS = ("stat", "content")
+
+def collect(model: nn.Module, layers: list[str], probe: ProbeSet | TensorImages, *, transform,
+            transform_desc: dict[str, Any], model_hash: str, reduction: str | Mapping[str, str] = "mean",
+            batch_size: int = 64, workers: int = 0, device: str = "auto", top_k: int = 9,
+            cache_dir: Path | None = None, chunk_size: int = 2048, on_bad_image: str = "error",
+            log: Callable[[str], None] = lambda m: None, progress: bool = True,
+            precision: str = "float32", channels_last: bool = False, compile: bool | str = False,
+            pin_memory: bool = True, prefetch_factor: int = 2, decode: str = "pil",
+            preprocessing: Preprocessing | None = None, normalize: bool = True, fingerprint: str = "stat",
+            distributed: bool | None = None, scratch_dir: Path | None = None) -> Collected | None:
+    """Run the model over the probe set and return each layer's (N, K) activations.
+
+    Returns None on the ranks other than 0 of a distributed (torchrun) run.
+
+    Keyword arguments beyond the original ones (all optional):
+
+    - ``reduction``: a name for every layer, or ``{layer: name}`` (others: ``mean``).
+      ``cls`` takes token 0 of a (B, T, D) output; linear (B, D) outputs need none.
+    - ``precision``: ``float32`` (strict: TF32 off on CUDA), ``tf32``, ``bfloat16``,
+      ``float16`` (autocast) or ``auto`` (float32 today: reduced precision changed demo flags,
+      see :func:`resolve_precision`). Part of the cache key.
+    - ``channels_last``: model and inputs in channels-last memory format (faster convs on GPUs).
+    - ``compile``: ``torch.compile`` the model (True: inductor; or a backend name).
+    - ``pin_memory``, ``prefetch_factor``: DataLoader settings (pinning only on CUDA;
+      prefetching only with ``workers`` > 0, whose processes live for the whole run).
+    - ``decode``: ``pil`` (in the DataLoader) or ``device`` (raw bytes in the loader,
+      decoded and resized on the model's device: nvJPEG on CUDA); ``device`` needs
+      ``preprocessing`` (and ``normalize``) instead of ``transform``.
+    - ``fingerprint``: ``stat`` (paths, sizes, mtimes) or ``content`` (file hashes).
+    - ``distributed``: None = follow torchrun's ``WORLD_SIZE``; False = single process.
+      A distributed run needs ``cache_dir`` on storage every rank shares.
+    - ``scratch_dir``: where the temporary arrays go when there is no cache folder.
+    """
+    t0 = time.perf_counter()
+    reductions = normalise_reductions(reduction, list(layers))
+    _check_args(batch_size=batch_size, chunk_size=chunk_size, top_k=top_k, workers=workers,
+                prefetch_factor=prefetch_factor, on_bad_image=on_bad_image, decode=decode,
+                fingerprint=fingerprint, preprocessing=preprocessing)
+    for name in layers:
+        resolve_layer(model, name)
+    from .. import distributed as _dist
+
+    wants_dist = _dist.is_distributed() if distributed is None else bool(distributed)
+    if wants_dist and cache_dir is None:
+        raise ConfigError(f"a distributed run (WORLD_SIZE={os.environ.get('WORLD_SIZE', '?')}) needs a cache "
+                          "folder that every rank can read and write: pass --cache-dir on shared storage "
+                          "(and do not pass --no-cache)")
+    dev = resolve_device(device)
+    dinfo = _dist.setup(dev.type) if wants_dist else None
+    try:
+        if dinfo is not None and dev.type == "cuda":
+            dev = torch.device("cuda", dinfo.local_rank)
+        return _collect(model, list(layers), probe, reductions, dev, dinfo, t0, transform=transform,
+                        transform_desc=transform_desc, model_hash=model_hash, batch_size=batch_size,
+                        workers=workers, top_k=top_k, cache_dir=cache_dir, chunk_size=chunk_size,
+                        on_bad_image=on_bad_image, log=log, progress=progress, precision=precision,
+                        channels_last=channels_last, compile=compile, pin_memory=pin_memory,
+                        prefetch_factor=prefetch_factor, decode=decode, preprocessing=preprocessing,
+                        normalize=normalize, fingerprint=fingerprint, scratch_dir=scratch_dir)
+    finally:
+        if dinfo is not None:
+            dinfo.teardown()
+
+
+def _check_args(**kw) -> None:
+    for name in ("batch_size", "chunk_size", "prefetch_factor"):
+        if not isinstance(kw[name], int) or kw[name] < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {kw[name]!r}")
+    for name in ("top_k", "workers"):
+        if not isinstance(kw[name], int) or kw[name] < 0:
+            raise ConfigError(f"{name} must be a non-negative integer, got {kw[name]!r}")
+    choices = {"on_bad_image": ("error", "skip"), "decode": DECODERS, "fingerprint": FINGERPRINTS}
+    for name, allowed in choices.items():
+        if kw[name] not in allowed:
+            raise ConfigError(f"{name} must be one of {list(allowed)}, got {kw[name]!r}")
+    if kw["decode"] == "device" and kw["preprocessing"] is None:
+        raise ConfigError("decode='device' resizes and normalises on the device: pass preprocessing= "
+                          "(the Preprocessing the transform was built from)")
+
+
+def _collect(model, layers, probe, reductions, dev, dinfo, t0, *, transform, transform_desc, model_hash, batch_size,
+             workers, top_k, cache_dir, chunk_size, on_bad_image, log, progress, precision, channels_last, compile,
+             pin_memory, prefetch_factor, decode, preprocessing, normalize, fingerprint, scratch_dir):
+    N = len(probe)
+    if N == 0:
+        raise DataError("the probe set has no images")
+    precision = resolve_precision(precision, dev)
+    main = dinfo is None or dinfo.is_main
+    world = 1 if dinfo is None else dinfo.world
+    images_fp = images_fingerprint(probe, fingerprint)
+    manifest = cache_manifest(model, model_hash=model_hash, layers=layers, reductions=reductions,
+                              transform=transform, transform_desc=transform_desc, decode=decode, normalize=normalize,
+                              images_fp=images_fp, fingerprint=fingerprint, n=N, top_k=top_k, precision=precision,
+                              channels_last=channels_last, compile=compile, chunk_size=chunk_size)
+    key = cache_key(manifest)
+    if dinfo is not None:
+        keys = dinfo.gather(key)
+        if len(set(keys)) > 1:
+            differ = [r for r, k in enumerate(keys) if k != keys[0]]
+            raise ConfigError(f"ranks {differ} computed a different activation cache key than rank 0: they see "
+                              "different weights, images or settings (a model with random weights differs per "
+                              "rank: pass --weights)")
+
+    scratch: Path | None = None
+    if cache_dir is not None:
+        folder = Path(cache_dir) / key
+        if main:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True,
+                                                                        default=str))
+            except OSError as exc:
+                raise ConfigError(f"cannot write the activation cache in {cache_dir}: {exc}; "
+                                  "pass --cache-dir to a writable folder or --no-cache") from None
+            clean_stale_tmp(folder)
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix="auditor-activations-", dir=scratch_dir))
+        folder = scratch
+    chunks = [(s, min(s + chunk_size, N)) for s in range(0, N, chunk_size)]
+
+    def chunk_path(ci: int) -> Path:
+        return folder / f"chunk-{ci:05d}.npz"
+
+    try:
+        # -- a committed result: reuse it
+        final = load_final(folder, layers, N) if (main and scratch is None) else None
+        if dinfo is not None:
+            hit = dinfo.broadcast(final is not None)
+            sees = (folder / "manifest.json").is_file()
+            seen = dinfo.gather(sees)
+            if not all(seen):
+                raise ConfigError(f"ranks {[r for r, s in enumerate(seen) if not s]} cannot see the cache folder "
+                                  f"{folder} written by rank 0; every rank needs the same shared --cache-dir")
+            if hit and not main:
+                return None
+        if final is not None:
+            log(f"activation cache hit: {N} images × {len(layers)} layer(s) reused from {folder}")
+            return make_result(final, probe, on_bad_image, dev, precision, batch_size, world, t0, 0,
+                           {"status": "hit", "key": key, "dir": str(folder), "chunks": len(chunks),
+                            "reused": len(chunks), "images_fingerprint": images_fp})
+
+        # -- chunks: reuse the committed ones, compute the rest (this rank's share)
+        mine = list(range(len(chunks))) if dinfo is None else dinfo.shard(list(range(len(chunks))))
+        reused: list[int] = []
+        todo: list[int] = []
+        for ci in mine:
+            path = chunk_path(ci)
+            if scratch is None and path.exists():
+                start, stop = chunks[ci]
+                if chunk_valid(load_chunk(path), stop - start, len(layers)):
+                    reused.append(ci)
+                    continue
+            todo.append(ci)
+        n_todo = sum(chunks[ci][1] - chunks[ci][0] for ci in todo)
+        n_reused_all = len(reused) if dinfo is None else sum(dinfo.gather(len(reused)))
+        if main and scratch is None:
+            if n_reused_all:
+                log(f"activation cache partial: {n_reused_all}/{len(chunks)} chunk(s) reused from {folder}"
+                    + (f"; computing the rest across {world} ranks" if dinfo else ""))
+            else:
+                log(f"activation cache miss: computing {N} images into {folder}"
+                    + (f" across {world} ranks" if dinfo else ""))
+
+        asm = Assembler(folder, layers, N, top_k) if dinfo is None else None
+        try:
+            if asm is not None:
+                for ci in reused:
+                    asm.add(chunks[ci][0], load_chunk(chunk_path(ci)))
+            compute_s, batch_used = compute(model, layers, reductions, probe, transform, dev, chunks, todo, asm, folder,
+                               scratch is None, precision=precision, channels_last=channels_last,
+                               compiled=compile, batch_size=batch_size, workers=workers, pin_memory=pin_memory,
+                               prefetch_factor=prefetch_factor, top_k=top_k, decode=decode,
+                               preprocessing=preprocessing, normalize=normalize, on_bad_image=on_bad_image,
+                               log=log, progress=progress and main, chunk_path=chunk_path, n_todo=n_todo)
+            n_reused = len(reused)
+            if dinfo is not None:
+                counts = dinfo.gather((n_todo, len(reused)))
+                n_done, n_reused = sum(c[0] for c in counts), sum(c[1] for c in counts)
+                dinfo.barrier()  # every rank's chunks are on disk
+                if not main:
+                    return None
+                asm = Assembler(folder, layers, N, top_k)
+                for ci, (start, stop) in enumerate(chunks):
+                    chunk = load_chunk(chunk_path(ci))
+                    if not chunk_valid(chunk, stop - start, len(layers)):
+                        raise DataError(f"chunk {ci} of the activation cache {folder} is missing or unreadable "
+                                        "after every rank finished: is --cache-dir on storage all ranks share?")
+                    asm.add(start, chunk)
+            else:
+                n_done = n_todo
+            asm.commit()
+        except BaseException:
+            if asm is not None:
+                asm.abort()
+            raise
+        for ci in range(len(chunks)):
+            chunk_path(ci).unlink(missing_ok=True)
+        final = load_final(folder, layers, N)
+        if final is None:
+            raise DataError(f"the activation cache {folder} could not be read back after writing it; is the "
+                            "disk full, or is another process deleting it?")
+        status = "partial" if n_reused else "miss"
+        return make_result(final, probe, on_bad_image, dev, precision, batch_used, world, t0, n_done,
+                       {"status": status, "key": key, "dir": None if scratch else str(folder), "chunks": len(chunks),
+                        "reused": n_reused, "images_fingerprint": images_fp},
+                       compute_seconds=compute_s if dinfo is None else time.perf_counter() - t0)
+    finally:
+        if scratch is not None:
+            remove_scratch(scratch)
+
+
+def clear_cache(cache_dir: Path) -> None:
+    if cache_dir.exists():
+        shutil.rmtree(cache_dir)
