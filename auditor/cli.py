@@ -130,6 +130,10 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
     cfg = demo_config(out=ns.out, device=ns.device, cache_dir=ns.cache_dir, n_images=ns.images,
                       formats=ns.formats, log=_info)
+    if ns.dora:
+        from .config import DoraSection
+
+        cfg = cfg.model_copy(update={"dora": DoraSection()})
     result = run_audit(cfg, progress=not ns.quiet)
     written = write_outputs(result, cfg.out, cfg.formats)
     _finish(result, written, fail_on_flag=False)
@@ -216,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="activation and demo-data cache (default: user cache)")
     p.add_argument("--images", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--formats", default=None, help="comma-separated outputs (default: html,pdf,json,csv,junit)")
+    p.add_argument("--dora", action="store_true", help="also run DORA (outlier neurons from synthetic images; "
+                   "a few minutes on a CPU, see docs/dora.md)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
