@@ -323,3 +323,19 @@ def test_sams_for_a_token_layer_and_a_linear_layer():
         sams = generate(model, layer, reduction, list(range(K)), TINY, progress=False)
         values = activations_on(model, layer, reduction, sams.reshape(K * 2, 3, 16, 16))
         assert values.shape == (K * 2, K)
+
+
+def test_a_size_the_model_cannot_take_is_a_clear_error():
+    from auditor.errors import ModelError
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 16 * 16, 4)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    with pytest.raises(ModelError, match="set dora.size"):
+        generate(Fixed(), "fc", "mean", [0], SamsParams(size=20, steps=1, signals=1), progress=False)
+    generate(Fixed(), "fc", "mean", [0], SamsParams(size=16, steps=1, signals=1), progress=False)

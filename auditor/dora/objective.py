@@ -23,7 +23,7 @@ from torch import nn
 
 from ..collect import REDUCTIONS, capture, forward_until
 from ..collect.reduce import reduce_layer_output
-from ..errors import LayerError
+from ..errors import LayerError, ModelError
 
 
 def reduce_values(out, name: str, reduction: str, batch: int) -> torch.Tensor:
@@ -42,7 +42,12 @@ def layer_values(model: nn.Module, layer: str, reduction: str, x: torch.Tensor) 
     train/eval mode is restored (by :func:`auditor.collect.capture`).
     """
     with capture(model, [layer], stop_early=True) as store:
-        forward_until(model, x)
+        try:
+            forward_until(model, x)
+        except RuntimeError as exc:  # a size the model does not take, out of memory, ...
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ModelError(f"a forward pass on {tuple(x.shape)} s-AMS inputs failed: {first}; set dora.size to "
+                             "the model's input size, or lower dora.batch_size if memory ran out") from None
         if layer not in store:
             raise LayerError(f"layer {layer!r} did not run in the model's forward pass")
         return reduce_values(store[layer], layer, reduction, x.shape[0])
