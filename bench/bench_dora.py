@@ -130,7 +130,14 @@ def demo(args) -> dict:
     off = np.where(np.eye(K, dtype=bool), -np.inf, A).max(axis=0)
     probe_max = np.array([n.stats["max"] for n in layer.neurons])
     near = {c: [int(j) for j in np.argsort(D[c])[1:5]] for c in wm}
+    every = {}
+    for form in ("pairwise", "layerwise"):
+        for meth in ("lof", "iforest", "knn"):
+            o = outlier_scores(ea_distance(A, form), meth)
+            every[f"{form}/{meth}"] = {"n_outliers": int(o.outlier.sum()),
+                                       "watermark_ranks": [int(o.rank[c]) for c in wm]}
     return {
+        "every_form_and_method": every,
         "self_beats_probe_max": float(np.mean(np.diag(A) > probe_max)),
         "self_beats_others_sams": float(np.mean(np.diag(A) > off)),
         "inactive": dl.inactive,
