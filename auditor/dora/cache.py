@@ -25,7 +25,8 @@ GENERATOR_VERSION = 2  # 2: redirected ReLU for silent neurons
 
 def manifest(*, model_hash: str, architecture: str, layer: str, reduction: str, neurons: list[int],
              params: dict[str, Any], mean, std, device_type: str, torch_version: str) -> dict[str, Any]:
-    return {"format": CACHE_FORMAT, "generator": GENERATOR_VERSION, "kind": "dora-sams", "model": model_hash, "architecture": architecture,
+    return {"format": CACHE_FORMAT, "generator": GENERATOR_VERSION, "kind": "dora-sams", "model": model_hash,
+            "architecture": architecture,
             "layer": layer, "reduction": reduction, "neurons": [int(k) for k in neurons], "params": params,
             "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
             "device": device_type, "torch": torch_version}

@@ -92,10 +92,9 @@ def run_dora(model: nn.Module, layers: Sequence[str], *, reduction: str | Mappin
     the outliers (the audit passes its flagged neurons).
     """
     from ..collect import resolve_device
+    from ..errors import ConfigError
     from .distance import FORMS
     from .outliers import METHODS
-
-    from ..errors import ConfigError
 
     if distance not in FORMS:
         raise ConfigError(f"dora distance must be one of {list(FORMS)}, got {distance!r}")
