@@ -189,7 +189,7 @@ def cmd_dora(ns: argparse.Namespace) -> int:
 
     cfg = load_config(ns.config, _overrides(ns))
     result = run_dora_only(cfg, log=_info, progress=not ns.quiet)
-    written = write_dora(result, ns.out or cfg.out)
+    written = write_dora(result, cfg.out if "out" in cfg.model_fields_set else "auditor-dora")
     for line in summary_lines(result):
         print(line)
     _info(f"results: {written}")
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Synthesise images that maximally activate every neuron of the layer (s-AMS), "
                                    "feed them back, and list the neurons whose representations sit far from the "
                                    "rest (Extreme-Activation distance + outlier scores). Writes OUT/dora.json and "
-                                   "the outliers' s-AMS as PNG files. Settings: the dora: section of the config "
+                                   "the outliers' s-AMS as PNG files (default OUT: auditor-dora). Settings: the dora: section of the config "
                                    "or --dora '{steps: 90, signals: 3}'. See docs/dora.md.")
     p.add_argument("config", nargs="?", default=None, help="YAML config file (an audit config works)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
