@@ -237,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Synthesise images that maximally activate every neuron of the layer (s-AMS), "
                                    "feed them back, and list the neurons whose representations sit far from the "
                                    "rest (Extreme-Activation distance + outlier scores). Writes OUT/dora.json and "
-                                   "the outliers' s-AMS as PNG files (default OUT: auditor-dora). Settings: the dora: section of the config "
-                                   "or --dora '{steps: 90, signals: 3}'. See docs/dora.md.")
+                                   "the outliers' s-AMS as PNG files (default OUT: auditor-dora). Settings: the "
+                                   "dora: section of the config or --dora '{steps: 90, signals: 3}'. "
+                                   "See docs/dora.md.")
     p.add_argument("config", nargs="?", default=None, help="YAML config file (an audit config works)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_config_flags(p)
