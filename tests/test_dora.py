@@ -339,3 +339,22 @@ def test_a_size_the_model_cannot_take_is_a_clear_error():
     with pytest.raises(ModelError, match="set dora.size"):
         generate(Fixed(), "fc", "mean", [0], SamsParams(size=20, steps=1, signals=1), progress=False)
     generate(Fixed(), "fc", "mean", [0], SamsParams(size=16, steps=1, signals=1), progress=False)
+
+
+def test_run_dora_keeps_images_only_for_kept_and_outlier_neurons(tmp_path):
+    from auditor.dora import run_dora
+
+    model = colour_net()
+    result = run_dora(model, ["act"], params=TINY, contamination=0.25, device="cpu", cache_dir=tmp_path,
+                      keep={"act": {1}}, progress=False)
+    layer = result.layers[0]
+    assert result.distance == "pairwise" and result.method == "lof" and result.params["steps"] == TINY.steps
+    assert len(layer.outliers) == 1 and layer.cache["status"] == "miss"
+    (out,) = layer.outliers
+    assert next(n for n in layer.neurons if n.index == out).rank == 1
+    for n in layer.neurons:
+        assert (len(n.sams) == TINY.signals) == (n.index in {1, out}), n.index
+    again = run_dora(model, ["act"], params=TINY, contamination=0.25, device="cpu", cache_dir=tmp_path,
+                     keep={"act": {1}}, progress=False)
+    assert again.layers[0].cache["status"] == "hit"
+    assert again.layers[0].neurons == layer.neurons  # same scores, ranks, map and images from the cache
