@@ -73,7 +73,7 @@ class DoraSection(BaseModel):
     distance: Literal["pairwise", "layerwise"] = Field("pairwise", description="EA distance form: the paper's "
                                                        "pairwise form or the reference package's layer-wise form")
     outliers: Literal["lof", "iforest", "knn"] = Field("lof", description="outlier scores on the EA distances")
-    neighbors: int | None = Field(None, ge=1, description="neighbours for lof/knn (default min(20, K-1))")
+    neighbors: int | None = Field(None, ge=1, description="neighbours for lof/knn (default min(20, (K-1)//2))")
     contamination: float | None = Field(None, gt=0.0, le=0.5, description="share of neurons called outliers "
                                         "(default: the method's own threshold)")
 

@@ -358,3 +358,33 @@ def test_run_dora_keeps_images_only_for_kept_and_outlier_neurons(tmp_path):
                      keep={"act": {1}}, progress=False)
     assert again.layers[0].cache["status"] == "hit"
     assert again.layers[0].neurons == layer.neurons  # same scores, ranks, map and images from the cache
+
+
+class _RedLayer(torch.nn.Module):
+    """A hand-set 1×1 conv layer: K − 1 noisy copies of a red detector and, last, one blue detector."""
+
+    def __init__(self, K=12):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, K, 1)
+        self.act = torch.nn.ReLU()
+        with torch.no_grad():
+            w = torch.tensor([1.0, -0.5, -0.5]).repeat(K, 1) + 0.15 * torch.randn(K, 3, generator=g)
+            w[K - 1] = torch.tensor([-0.5, -0.5, 1.0])
+            self.conv.weight.copy_(w.view(K, 3, 1, 1))
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        return self.act(self.conv(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("K", [12, 24])
+def test_a_planted_odd_neuron_is_the_only_outlier(K):
+    """Truth by construction: one blue detector among red ones. Default settings except a small, fast budget."""
+    from auditor.dora import run_dora
+
+    result = run_dora(_RedLayer(K).eval(), ["act"], params=SamsParams(size=16, steps=24, signals=1, lr=0.2),
+                      device="cpu", progress=False)
+    layer = result.layers[0]
+    assert layer.outliers == [K - 1]
+    assert layer.n_neighbors == min(20, (K - 1) // 2)

@@ -1,7 +1,9 @@
 """Outlier scores on the EA distance matrix, and a 2-D map of the layer.
 
 Default: scikit-learn's LocalOutlierFactor on the precomputed distances, with
-``n_neighbors`` = min(20, K − 1) (scikit-learn's default) and its own ``auto``
+``n_neighbors`` = min(20, (K − 1) // 2) (scikit-learn's default of 20, capped at half
+the layer: when the neighbourhood spans nearly every neuron, every neuron's
+neighbourhood is the whole layer and LOF can single nothing out) and its own ``auto``
 threshold (a neuron is an outlier when its local outlier factor exceeds 1.5, i.e.
 its neighbourhood is 1.5× sparser than its neighbours' are). Why LOF: it works on
 the distance matrix itself (no embedding, no extra randomness), it is deterministic,
@@ -49,7 +51,7 @@ def outlier_scores(D: np.ndarray, method: str = "lof", n_neighbors: int | None =
         raise ConfigError(f"dora contamination must be in (0, 0.5], got {contamination!r}")
     if K < 3:
         raise ConfigError(f"DORA needs a layer with at least 3 neurons, got {K}")
-    k = min(n_neighbors or 20, K - 1)
+    k = min(n_neighbors, K - 1) if n_neighbors else min(20, max(1, (K - 1) // 2))
     threshold: float | None = None
     if method == "lof":
         from sklearn.neighbors import LocalOutlierFactor
