@@ -113,14 +113,15 @@ def _finish(result, written: dict[str, Path], fail_on_flag: bool) -> int:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
+    # A thin layer over the Python API: auditor.api.audit_config + AuditResult.save.
+    from .api import audit_config
     from .config import load_config
-    from .pipeline import run_audit, write_outputs
 
     cfg = load_config(ns.config, _overrides(ns))
-    result = run_audit(cfg, progress=not ns.quiet)
+    result = audit_config(cfg, progress=not ns.quiet)
     if result is None:  # worker rank of a torchrun launch: rank 0 writes the report
         return EXIT_OK
-    written = write_outputs(result, cfg.out, cfg.formats)
+    written = result.save(cfg.out, formats=cfg.formats)
     return _finish(result, written, cfg.fail_on_flag)
 
 
@@ -200,6 +201,77 @@ def cmd_explain(ns: argparse.Namespace) -> int:
     from .explain_cli import run_explain
 
     return run_explain(ns)
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from .compare import compare_results, load_result
+
+    old, old_path = load_result(ns.old)
+    new, new_path = load_result(ns.new)
+    cmp = compare_results(old, new, match=ns.match, old_source=old_path, new_source=new_path)
+    for line in cmp.differences:
+        _info(f"WARNING: {line}")
+    written = cmp.save(ns.out, ns.formats)
+    for line in cmp.summary_lines():
+        _info(line)
+    for fmt, path in written.items():
+        _info(f"{fmt}: {path}")
+    if ns.fail_on_new and cmp.n_new:
+        return EXIT_FLAGGED
+    return EXIT_OK
+
+
+def cmd_history(ns: argparse.Namespace) -> int:
+    import json
+
+    from .errors import ConfigError
+    from .history import History, format_table, resolve_history_path
+
+    if ns.history and ns.history_path and ns.history != ns.history_path:
+        raise ConfigError("give the history once: as PATH or as --history PATH")
+    path = resolve_history_path(ns.history or ns.history_path)
+    with History(path, create=False) as hist:
+        rows = hist.rows(checkpoint=ns.checkpoint, artifact=ns.artifact, flagged_only=ns.flagged,
+                         since=ns.since, source=ns.source, limit=ns.limit)
+    if ns.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows) if rows else f"# no audits in {path} match")
+    return EXIT_OK
+
+
+def cmd_watch(ns: argparse.Namespace) -> int:
+    from filelock import Timeout
+
+    from .config import load_config
+    from .errors import ConfigError
+    from .watch import Watcher, WatchErrors
+
+    cfg = load_config(ns.config, {})
+    formats = tuple(f.strip() for f in ns.formats.split(",") if f.strip()) if ns.formats else None
+    watcher = Watcher(ns.dir, cfg, reports=ns.out, history=ns.history, formats=formats, log=_info,
+                      progress=not ns.quiet)
+    try:
+        with watcher.lock(timeout=ns.lock_timeout):
+            if not ns.once:
+                _info(f"watching {watcher.folder} every {ns.interval:g} s (Ctrl-C stops); reports in {watcher.reports}")
+                watcher.run(interval=ns.interval)
+                return EXIT_OK
+            try:
+                done = watcher.run_once()
+            except WatchErrors as exc:
+                _err(str(exc))
+                return EXIT_ERROR
+    except Timeout:
+        msg = f"another auditor watch holds {watcher.lock_path}"
+        if ns.once:
+            _info(f"{msg}; it audits the pending checkpoints, so this run does nothing")
+            return EXIT_OK
+        raise ConfigError(f"{msg}; one watcher per folder (stop the other, or wait with --lock-timeout)") from None
+    _info(f"{len(done)} checkpoint(s) audited; index: {watcher.reports / 'index.html'}")
+    if ns.fail_on_new and any(d.n_new for d in done):
+        return EXIT_FLAGGED
+    return EXIT_OK
 
 
 # -- parser ----------------------------------------------------------------------------
@@ -306,6 +378,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--formats", default=None, help="comma-separated (default: html,pdf,csv,junit)")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("compare", help="what changed between two audits: newly / no longer / still flagged neurons",
+                       description="Compare two audits (results.json files or output folders), per artifact: "
+                                   "neurons newly flagged, no longer flagged and still flagged, with their "
+                                   "explanations. Threshold, rule and probe-set differences are stated first.")
+    p.add_argument("old", help="the earlier audit: results.json or its output folder")
+    p.add_argument("new", help="the later audit: results.json or its output folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--match", choices=["index", "activations"], default="index",
+                   help="match neurons by index (fine-tuned checkpoints; default) or by activation correlation "
+                        "on the shared probe set (retrained models; needs both activation caches)")
+    p.add_argument("--formats", default="html,pdf,json,junit", help="comma-separated (default: html,pdf,json,junit)")
+    p.add_argument("--fail-on-new", action="store_true", help="exit 1 when a neuron is newly flagged")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("history", help="list the audits recorded by `auditor watch` and the training callbacks",
+                       description="List the audit history (SQLite), oldest first: checkpoint, sha256, time, "
+                                   "flag counts per artifact, results file.")
+    p.add_argument("history", nargs="?", default=None,
+                   help="history file, the reports folder holding history.sqlite, or the watched folder "
+                        "(default: reports/)")
+    p.add_argument("--history", dest="history_path", default=None, metavar="PATH", help="the same, as an option")
+    p.add_argument("--json", action="store_true", help="JSON rows instead of a table")
+    p.add_argument("--checkpoint", default=None, metavar="GLOB", help="only checkpoints whose name or path match")
+    p.add_argument("--artifact", default=None, help="only audits that checked this artifact")
+    p.add_argument("--flagged", action="store_true", help="only audits with flagged neurons (for --artifact: "
+                   "flagged for it)")
+    p.add_argument("--since", default=None, metavar="ISO-TIME", help="only audits at or after this UTC time "
+                   "(e.g. 2025-01-31 or 2025-01-31T12:00)")
+    p.add_argument("--source", choices=["watch", "lightning", "transformers", "api"], default=None)
+    p.add_argument("--limit", type=int, default=None, help="only the last N rows")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("watch", help="audit every new checkpoint in a folder, compare it with the previous one",
+                       description="Audit each new complete checkpoint (*.pt, *.pth, *.safetensors) in DIR, in "
+                                   "mtime-then-name order: reports/<checkpoint>/ with a comparison against the "
+                                   "previous checkpoint, reports/index.html with a timeline per artifact, and a "
+                                   "row per audit in the history. Safe to stop and restart.")
+    p.add_argument("dir", help="folder the training job writes checkpoints into")
+    p.add_argument("--config", required=True, help="audit YAML (model, layer, images, labels, artifacts, ...); "
+                   "its weights and out are set per checkpoint")
+    p.add_argument("--once", action="store_true", help="audit what is pending and exit (cron, CI)")
+    p.add_argument("--out", default=None, help="reports folder (default: DIR/reports)")
+    p.add_argument("--history", default=None, help="history database (default: <reports>/history.sqlite)")
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between passes (default 60)")
+    p.add_argument("--lock-timeout", type=float, default=0.0, help="seconds to wait for another watcher of the "
+                   "same history to finish (default 0)")
+    p.add_argument("--formats", default=None, help="report formats (default: the config's)")
+    p.add_argument("--fail-on-new", action="store_true", help="with --once: exit 1 when an audited checkpoint has "
+                   "neurons flagged that the previous one did not")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_watch)
     return parser
 
 

@@ -3,9 +3,12 @@
 A model spec is one of
 - a torchvision architecture name (``resnet18``), built with random weights;
 - ``package.module:callable`` or ``path/to/file.py:callable`` returning an ``nn.Module``;
-- a TorchScript file (``torch.jit.save``).
+- a TorchScript file (``torch.jit.save``);
+- ``timm:NAME`` (``timm:resnet50``): a timm architecture, built with
+  ``pretrained=False`` (nothing is downloaded), with timm's preprocessing config.
 ``--weights`` then loads a state_dict, or a checkpoint dict holding one, with
-``weights_only=True``; mismatched keys are reported by name.
+``weights_only=True``, or a ``.safetensors`` file (no pickle at all); mismatched
+keys are reported by name.
 """
 
 from __future__ import annotations
@@ -37,18 +40,22 @@ class Preprocessing:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     source: str = "default"  # where these values came from
+    interpolation: str = "bilinear"  # resize filter: "bilinear" or "bicubic" (timm's configs often ask for it)
 
     def plain(self) -> dict[str, Any]:
-        return {"resize": self.resize, "crop": self.crop,
-                "mean": list(self.mean) if self.mean else None,
-                "std": list(self.std) if self.std else None, "source": self.source}
+        out = {"resize": self.resize, "crop": self.crop,
+               "mean": list(self.mean) if self.mean else None,
+               "std": list(self.std) if self.std else None, "source": self.source}
+        if self.interpolation != "bilinear":  # only recorded when it differs, so older cache keys stay valid
+            out["interpolation"] = self.interpolation
+        return out
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     module: nn.Module
     spec: str
-    kind: str  # "torchvision" | "callable" | "torchscript"
+    kind: str  # "torchvision" | "timm" | "callable" | "torchscript" | "in-memory"
     weights: str | None
     file_sha256: str | None  # hash of the weights (or TorchScript) file
     default_preprocessing: Preprocessing
@@ -82,6 +89,43 @@ def _torchvision_preprocessing(name: str) -> Preprocessing:
     crop = crop[0] if isinstance(crop, (list, tuple)) else crop
     return Preprocessing(resize=resize, crop=crop, mean=tuple(tf.mean), std=tuple(tf.std),
                          source=f"torchvision:{name} default weights transforms")
+
+
+TIMM_PREFIX = "timm:"
+
+
+def _timm_preprocessing(module: nn.Module, name: str) -> Preprocessing:
+    """timm's data config for the model: input size, crop fraction, mean/std, resize filter."""
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=module)
+    size = int(cfg["input_size"][-1])
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
+    interp = str(cfg.get("interpolation") or "bilinear")
+    return Preprocessing(resize=int(size / crop_pct), crop=size, mean=tuple(float(v) for v in cfg["mean"]),
+                         std=tuple(float(v) for v in cfg["std"]),
+                         interpolation=interp if interp in ("bilinear", "bicubic") else "bilinear",
+                         source=f"timm:{name} data config (crop_pct {crop_pct:g}, {interp})")
+
+
+def _build_timm(spec: str) -> tuple[nn.Module, Preprocessing]:
+    name = spec[len(TIMM_PREFIX):].strip()
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(f"--model {spec!r} needs timm, which is not installed (pip install timm)") from None
+    if not name:
+        raise ModelError("--model timm: needs an architecture name, e.g. timm:resnet50")
+    if not timm.is_model(name):
+        raise ModelError(f"unknown timm architecture {name!r}{did_you_mean(name, timm.list_models())}; "
+                         "list them with python -c 'import timm; print(timm.list_models())'")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = timm.create_model(name, pretrained=False)
+    except Exception as exc:
+        raise ModelError(f"cannot build timm model {name!r}: {type(exc).__name__}: {exc}") from None
+    return module, _timm_preprocessing(module, name)
 
 
 def _import_callable(spec: str) -> Any:
@@ -136,17 +180,40 @@ def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
     raise ModelError(f"{path} holds a {type(obj).__name__}, not a state_dict")
 
 
-def load_weights(module: nn.Module, path: str) -> str:
-    """Load a state_dict (strict) into ``module``; return the file's sha256."""
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file (Hugging Face's format: a JSON header and raw bytes, no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    try:
+        return load_file(str(p), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"cannot read safetensors file {p}: {first[:300]} (is it complete, or still being "
+                         "written?)") from None
+
+
+def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a weights file: ``.safetensors`` directly, anything else with
+    ``torch.load(weights_only=True)`` (a state_dict, or a checkpoint dict holding one)."""
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"weights file not found: {p}")
+    if p.suffix == ".safetensors":
+        return read_safetensors(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load weights {p} with weights_only=True: {first[:300]}") from None
-    state = _extract_state_dict(obj, str(p))
+    return _extract_state_dict(obj, str(p))
+
+
+def load_weights(module: nn.Module, path: str) -> str:
+    """Load a state_dict (strict) into ``module``; return the file's sha256."""
+    p = Path(path)
+    state = read_state(p)
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     own = module.state_dict()
@@ -179,7 +246,10 @@ def load_model(spec: str, weights: str | None = None) -> LoadedModel:
     info: dict[str, Any] = {}
     tv_names = None
     path_part = spec.split(":", 1)[0] if not spec.startswith(("/", ".")) or ":" in spec else spec
-    if ":" in spec and not Path(spec).is_file():
+    if spec.startswith(TIMM_PREFIX):
+        module, pre = _build_timm(spec)
+        kind = "timm"
+    elif ":" in spec and not Path(spec).is_file():
         factory = _import_callable(spec)
         if isinstance(factory, nn.Module):
             module = factory
@@ -229,7 +299,7 @@ def load_model(spec: str, weights: str | None = None) -> LoadedModel:
         if kind == "torchscript":
             raise ModelError("--weights cannot be combined with a TorchScript model (its weights are inside it)")
         file_hash = load_weights(module, weights)
-    elif kind == "torchvision":
+    elif kind in ("torchvision", "timm"):
         info["warning"] = "no --weights given: auditing randomly initialised weights"
     module.eval()
     n_params = sum(p.numel() for p in module.parameters())

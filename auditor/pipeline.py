@@ -62,7 +62,8 @@ def resolve_preprocessing(cfg: AuditConfig, default):
         source += "; normalisation off"
     return Preprocessing(resize=cfg.resize if cfg.resize is not None else default.resize,
                          crop=cfg.crop if cfg.crop is not None else default.crop,
-                         mean=mean, std=std, source=source)
+                         mean=mean, std=std, source=source,
+                         interpolation=getattr(default, "interpolation", "bilinear"))
 
 
 def _check_paths(cfg: AuditConfig) -> None:
@@ -75,31 +76,11 @@ def _check_paths(cfg: AuditConfig) -> None:
         raise ConfigError(f"--out {cfg.out} exists and is not a folder")
 
 
-def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) -> AuditResult | None:
-    """Audit the layers of one model on one probe set; return the result (writes nothing but the cache).
+def load_probe(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) -> tuple[Any, dict | None]:
+    """The probe set of ``cfg`` (synthesising artifact copies first when ``synth`` asks), and the
+    synth record for the provenance (None without synth). ``auditor watch`` loads it once."""
+    from .data import load_probe_set
 
-    Returns None on the worker ranks of a distributed (torchrun) run: they only
-    collect their shard of the activations; rank 0 explains and reports.
-    """
-    import torch
-
-    from . import invert
-    from .collect import build_transform, collect, state_hash
-    from .data import check_artifacts, load_probe_set
-    from .models import load_model, resolve_layer
-    from .paired import neuron_paired, paired_effects_by_artifact
-
-    t_all = time.perf_counter()
-    timings: dict[str, float] = {}
-    if not cfg.model:
-        raise ConfigError("no model given: pass --model (a torchvision name, package.module:callable, "
-                          "file.py:callable or a TorchScript file)")
-    if not cfg.layer:
-        raise ConfigError("no layer given: pass --layer NAME (list the names with `auditor layers MODEL`)")
-    _check_paths(cfg)
-    warnings: list[str] = []
-
-    t = time.perf_counter()
     images, labels, fmt = cfg.images, cfg.labels, cfg.labels_format
     synth_info = None
     if cfg.synth:
@@ -114,13 +95,48 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
         images, labels, fmt = made.images, made.labels, "long"
         synth_info = {"dir": str(made.out), "counts": made.n_synth, "reused": made.reused} \
             | cfg.synth.model_dump(mode="json")
-    probe = load_probe_set(images, labels, labels_format=fmt, hierarchy=cfg.hierarchy)
+    return load_probe_set(images, labels, labels_format=fmt, hierarchy=cfg.hierarchy), synth_info
+
+
+def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, model: Any = None,
+              probe: Any = None, synth_info: dict | None = None) -> AuditResult | None:
+    """Audit the layers of one model on one probe set; return the result (writes nothing but the cache).
+
+    ``model`` (a :class:`~auditor.models.LoadedModel`) replaces loading ``cfg.model``
+    and ``cfg.weights``; ``probe`` (a :class:`~auditor.data.ProbeSet`, possibly one
+    whose images live in memory) replaces loading ``cfg.images``/``cfg.labels``.
+    The Python API (:mod:`auditor.api`) and ``auditor watch`` pass them.
+
+    Returns None on the worker ranks of a distributed (torchrun) run: they only
+    collect their shard of the activations; rank 0 explains and reports.
+    """
+    import torch
+
+    from . import invert
+    from .collect import build_transform, collect, state_hash
+    from .data import check_artifacts
+    from .models import load_model, resolve_layer
+    from .paired import neuron_paired, paired_effects_by_artifact
+
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    if not cfg.model and model is None:
+        raise ConfigError("no model given: pass --model (a torchvision name, package.module:callable, "
+                          "file.py:callable or a TorchScript file)")
+    if not cfg.layer:
+        raise ConfigError("no layer given: pass --layer NAME (list the names with `auditor layers MODEL`)")
+    _check_paths(cfg)
+    warnings: list[str] = []
+
+    t = time.perf_counter()
+    if probe is None:
+        probe, synth_info = load_probe(cfg, log=log, progress=progress)
     check_artifacts(probe, cfg.artifacts)
     warnings.extend(probe.warnings)
     timings["load_data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    loaded = load_model(cfg.model, cfg.weights)
+    loaded = model if model is not None else load_model(cfg.model, cfg.weights)
     if loaded.info.get("warning"):
         warnings.append(loaded.info["warning"])
     layers = cfg.layers
@@ -128,6 +144,8 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True) ->
         resolve_layer(loaded.module, name)
     pre = resolve_preprocessing(cfg, loaded.default_preprocessing)
     geometry, transform = build_transform(pre, cfg.normalize)
+    if hasattr(probe, "input_transform"):  # images held in memory (auditor.audit with a Dataset)
+        transform = probe.input_transform(transform)
     model_hash = state_hash(loaded.module)  # what the cache key needs: the weights actually loaded
     timings["load_model_s"] = time.perf_counter() - t
 
@@ -231,18 +249,27 @@ def dora_params(cfg: AuditConfig, size: int):
                       batch_size=d.batch_size)
 
 
-def dora_image_size(pre, probe, transform=None) -> int:
+def dora_image_size(pre, probe) -> int:
     """The s-AMS side when the config gives none: the model's crop, its resize, the first probe image, 224."""
     if pre.crop:
         return int(pre.crop)
     if pre.resize:
         return int(pre.resize)
     try:
+        if hasattr(probe, "load"):  # images in memory (a Dataset): PIL images, (C, H, W) tensors or (H, W, 3) arrays
+            x = probe.load(0)
+            size = getattr(x, "size", None)
+            if isinstance(size, tuple) and len(size) == 2:
+                return int(max(size))
+            shape = tuple(getattr(x, "shape", ()))
+            if len(shape) == 3:
+                return int(max(shape[1:]) if shape[0] in (1, 3) else max(shape[:2]))
+            return 224
         from PIL import Image
 
         with Image.open(probe.full_path(0)) as im:
             return int(max(im.size))
-    except (OSError, IndexError, AttributeError, ValueError):
+    except (OSError, IndexError, AttributeError, ValueError, TypeError, RuntimeError):
         return 224
 
 
@@ -445,7 +472,10 @@ def _top_images(k, layer_acts, probe, row_of, artifacts, geometry, views_fn, thu
         maps = {int(r): layer_acts.top_maps[j, k].astype(np.float32)
                 for j, r in enumerate(layer_acts.top_index[:, k])}
     vmax = max((float(m.max()) for m in maps.values()), default=0.0) if maps else 0.0
-    views = views_fn([probe.full_path(r) for r in rows], geometry)
+    if hasattr(probe, "views"):  # images in memory (a torch Dataset given to auditor.audit)
+        views = probe.views(rows, geometry)
+    else:
+        views = views_fn([probe.full_path(r) for r in rows], geometry)
     out = []
     for r, view in zip(rows, views):
         present = probe.row_concepts(r)

@@ -291,8 +291,38 @@ class AuditResult(_Record):
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(_clean(self.to_dict()), indent=indent, allow_nan=False)
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, formats: typing.Iterable[str] | None = None) -> dict[str, Path]:
+        """Write this result.
+
+        ``save("results.json")`` (a ``.json`` path, no ``formats``) writes the JSON
+        file alone. Any other path is an output folder: the report files are written
+        exactly as ``auditor run`` writes them (staged, then moved into place), by
+        default ``html, pdf, json, csv, junit``. Returns ``{format: path}``.
+        """
         path = Path(path)
+        if formats is None and path.suffix.lower() == ".json":
+            self._save_json(path)
+            return {"json": path}
+        from .pipeline import write_outputs
+
+        chosen = tuple(formats) if formats is not None else ("html", "pdf", "json", "csv", "junit")
+        if isinstance(formats, str):
+            chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
+        return write_outputs(self, path, chosen)
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the verdict per artifact and the flagged neurons' cards (an isolated frame)."""
+        from .report.notebook import notebook_html
+
+        return notebook_html(self)
+
+    def compare(self, newer: AuditResult, match: str = "index"):
+        """What changed from this audit to ``newer`` (see :mod:`auditor.compare`)."""
+        from .compare import compare_results
+
+        return compare_results(self, newer, match=match)
+
+    def _save_json(self, path: Path) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".json")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:

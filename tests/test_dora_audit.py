@@ -55,3 +55,26 @@ def test_report_without_dora_has_no_dora_section(colour_args, capsys):
     main(["run"] + args)
     html = (Path(args[args.index("--out") + 1]) / "report.html").read_text()
     assert 'id="dora"' not in html and "s-AMS" not in html
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("as_pil", [False, True])
+def test_api_with_a_dataset_runs_dora_at_the_images_size(colour_probe, tmp_path, as_pil):
+    import sys
+
+    import auditor
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_api import LabelledImages
+
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    from colour_model import ColourNet
+
+    images, labels = colour_probe
+    data = LabelledImages(images, labels, as_pil=as_pil)
+    model = ColourNet().train()
+    result = auditor.audit(model, layer="act", images=data, concepts=data.concepts, artifacts=["stamp"],
+                           device="cpu", cache_dir=str(tmp_path / "cache"), bootstrap=0,
+                           dora={"steps": 2, "signals": 1, "contamination": 0.25})
+    assert result.dora is not None and result.dora.params["size"] == 32  # the probe images' side
+    assert model.training and all(p.requires_grad for p in model.parameters())

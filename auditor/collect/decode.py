@@ -48,7 +48,9 @@ def _decode_batch(datas, rows, dev, pre, normalize):
             continue
         x = im.float()
         if pre is not None and pre.resize:
-            x = F.resize(x, [pre.resize], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+            x = F.resize(x, [pre.resize], antialias=True,
+                         interpolation=F.InterpolationMode.BICUBIC if getattr(pre, "interpolation", "bilinear")
+                         == "bicubic" else F.InterpolationMode.BILINEAR)
         if pre is not None and pre.crop:
             x = F.center_crop(x, [pre.crop])
         out_imgs.append(x)

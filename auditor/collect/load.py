@@ -26,7 +26,9 @@ def build_transform(pre: Preprocessing, normalize: bool = True):
 
     steps: list[Any] = []
     if pre.resize:
-        steps.append(T.Resize(pre.resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True))
+        mode = T.InterpolationMode.BICUBIC if getattr(pre, "interpolation", "bilinear") == "bicubic" \
+            else T.InterpolationMode.BILINEAR
+        steps.append(T.Resize(pre.resize, interpolation=mode, antialias=True))
     if pre.crop:
         steps.append(T.CenterCrop(pre.crop))
     geometry = T.Compose(list(steps))

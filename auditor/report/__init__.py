@@ -78,7 +78,7 @@ def render(result: AuditResult, out_dir: str | Path,
 
             html_to_pdf(render_context(context, for_pdf=True), path)
         elif fmt == "json":
-            result.save(path)
+            result._save_json(path)
         elif fmt == "csv":
             write_csv(result, path)
         elif fmt == "junit":
