@@ -78,22 +78,26 @@ def gpu(args) -> dict:
 
     from auditor.dora import SamsParams, generate
 
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu mode needs CUDA")
+    dev = args.device or "cuda"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu mode needs CUDA (--device cpu runs the same code path, e.g. as a smoke test)")
+    size, steps, n = args.size or 224, args.steps_gpu or 90, args.neurons_gpu or 512
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    neurons = list(range(512))
-    p = SamsParams(size=224, steps=90, signals=args.signals, batch_size=args.batch_size)
-    warm = SamsParams(size=224, steps=2, signals=1, batch_size=args.batch_size)
-    generate(model, "layer4", "mean", neurons[:args.batch_size], warm, mean=mean, std=std, device="cuda",
+    neurons = list(range(n))
+    p = SamsParams(size=size, steps=steps, signals=args.signals, batch_size=args.batch_size)
+    warm = SamsParams(size=size, steps=2, signals=1, batch_size=args.batch_size)
+    generate(model, "layer4", "mean", neurons[:args.batch_size], warm, mean=mean, std=std, device=dev,
              progress=False)
-    torch.cuda.reset_peak_memory_stats()
-    t = _time(lambda: generate(model, "layer4", "mean", neurons, p, mean=mean, std=std, device="cuda",
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = _time(lambda: generate(model, "layer4", "mean", neurons, p, mean=mean, std=std, device=dev,
                                progress=False), 1)
-    return {"mode": "gpu", "size": 224, "steps": 90, "signals": args.signals, "neurons": 512,
-            "batch_size": args.batch_size, "seconds": t, "neurons_per_s": 512 / t,
-            "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "machine": _machine()}
+    return {"mode": "gpu", "device": dev, "size": size, "steps": steps, "signals": args.signals, "neurons": n,
+            "batch_size": args.batch_size, "seconds": t, "neurons_per_s": n / t,
+            "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else None,
+            "machine": _machine()}
 
 
 def demo(args) -> dict:
@@ -169,6 +173,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--lr", type=float, default=None, help="demo: another Adam learning rate (sensitivity)")
+    ap.add_argument("--device", default=None, help="gpu mode: cuda (default) or cpu for a smoke run")
+    ap.add_argument("--size", type=int, default=None, help="gpu mode: image side (default 224)")
+    ap.add_argument("--steps-gpu", type=int, default=None, help="gpu mode: Adam steps (default 90)")
+    ap.add_argument("--neurons-gpu", type=int, default=None, help="gpu mode: neurons of layer4 (default 512)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     out = {"speed": speed, "gpu": gpu, "demo": demo}[args.mode](args)
