@@ -78,3 +78,34 @@ def test_api_with_a_dataset_runs_dora_at_the_images_size(colour_probe, tmp_path,
                            dora={"steps": 2, "signals": 1, "contamination": 0.25})
     assert result.dora is not None and result.dora.params["size"] == 32  # the probe images' side
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_report_marks_neurons_flagged_by_both_as_strongest_evidence():
+    """Rendering only (no model): neuron 3 is INVERT-flagged and a DORA outlier; neuron 6 an unnamed outlier."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from report_fixtures import make_result, thumbnail
+
+    from auditor.report import render_html
+    from auditor.results import DoraLayer, DoraNeuron, DoraResult
+
+    result = make_result(n_neurons=10, second_layer=False)
+    layer = result.layers[0]
+    flagged = {n.index for n in layer.neurons if n.flags}
+    assert 3 in flagged and 6 not in flagged
+    png = thumbnail(1).replace("image/jpeg", "image/png")
+    neurons = [DoraNeuron(index=k, score=3.0 if k in (3, 6) else 1.0, rank={3: 1, 6: 2}.get(k, k + 3),
+                          outlier=k in (3, 6), x=float(k), y=0.0, self_activation=1.0,
+                          sams=[png] if k in flagged | {3, 6} else []) for k in range(10)]
+    dora = DoraResult(distance="pairwise", method="lof", params={"signals": 1, "steps": 90, "size": 64, "seed": 0},
+                      layers=[DoraLayer(name=layer.name, reduction="mean", n_neurons=10, outliers=[3, 6],
+                                        neurons=neurons, threshold=1.5, n_neighbors=4)])
+    html = render_html(dataclasses.replace(result, dora=dora))
+    section = html[html.index('id="dora"'):]
+    section = section[:section.index("</section>")]
+    assert "INVERT + DORA" in section and "<strong>3</strong>" in section
+    assert "unnamed" in section  # neuron 6: an outlier whose best formula names no artifact
+    assert html.count("flagged by INVERT and DORA") == 1  # on neuron 3's card only
+    assert html.count("not a DORA outlier") == len(flagged) - 1
