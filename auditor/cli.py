@@ -142,6 +142,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def cmd_layers(ns: argparse.Namespace) -> int:
+    import fnmatch
+
     import torch
 
     from .models import layer_shapes, load_model
@@ -150,12 +152,23 @@ def cmd_layers(ns: argparse.Namespace) -> int:
     size = ns.input_size or loaded.default_preprocessing.crop or 224
     sample = torch.zeros(1, 3, size, size)
     rows = layer_shapes(loaded.module, sample)
-    width = max((len(n) for n, _, _ in rows), default=10)
-    tw = max((len(t) for _, t, _ in rows), default=10)
-    print(f"# {loaded.spec}: output shapes for one {3}x{size}x{size} input (per sample)")
-    for name, typ, shape in rows:
-        shown = "×".join(str(s) for s in shape) if shape else "-"
-        print(f"{name:<{width}}  {typ:<{tw}}  {shown}")
+    total = len(rows)
+    if ns.filter:
+        pattern = ns.filter if any(c in ns.filter for c in "*?[") else f"*{ns.filter}*"
+        rows = [r for r in rows if fnmatch.fnmatchcase(r.name, pattern) or fnmatch.fnmatchcase(r.type, pattern)]
+    width = max((len(r.name) for r in rows), default=10)
+    tw = max((len(r.type) for r in rows), default=10)
+    sw = max((len("×".join(str(s) for s in r.shape) if r.shape else "-") for r in rows), default=1)
+    shown = f"{len(rows)} of {total} layers matching {ns.filter!r}" if ns.filter else f"{total} layers"
+    print(f"# {loaded.spec}: output shapes for one 3x{size}x{size} input (per sample); {shown}")
+    reused = sorted({r.name for r in rows if r.calls > 1 and not r.note.startswith("call ")})
+    if reused:
+        print(f"# {len(reused)} module(s) run more than once per forward pass (marked 'runs N×'): the bare name is "
+              "the first call, NAME_1 the second, …")
+    for r in rows:
+        shape = "×".join(str(s) for s in r.shape) if r.shape else "-"
+        line = f"{r.name:<{width}}  {r.type:<{tw}}  {shape:<{sw}}"
+        print((line + f"  {r.note}" if r.note else line).rstrip())
     return EXIT_OK
 
 
@@ -319,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("layers", help="list a model's layer names with output shapes")
     p.add_argument("model", help="torchvision name, package.module:callable, file.py:callable or TorchScript file")
+    p.add_argument("filter", nargs="?", default=None, help="show only layers whose name or type contains this text "
+                   "(or matches this glob: 'encoder.layers.*.mlp')")
     p.add_argument("--weights", default=None)
     p.add_argument("--input-size", type=int, default=None, help="side of the sample input (default: the "
                    "model's crop size or 224)")

@@ -148,6 +148,9 @@ class AuditConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run the model")
     reduction: Literal["mean", "max", "cls"] = Field("mean", description="per-neuron reduction: mean or max over "
                                                      "space (B, C, H, W) or tokens (B, T, D); cls = token 0")
+    token_layout: Literal["auto", "batch_first", "sequence_first"] = Field(
+        "auto", description="where a (3-D) token layer's output holds the batch: (B, T, D) batch_first, "
+                            "(T, B, D) sequence_first, or auto (measured once per layer by a calibration pass)")
     precision: Literal["float32", "tf32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="forward-pass precision on CUDA (autocast); reduced precision can change "
                                "findings (see docs/activations.md), auto = float32")

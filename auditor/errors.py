@@ -36,6 +36,10 @@ class ReportError(AuditorError):
     """A saved result cannot be read or rendered."""
 
 
+class AuditorWarning(UserWarning):
+    """Something the user should know that does not stop the audit (also logged and kept in the results)."""
+
+
 def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ``" (did you mean 'a', 'b'?)"`` or an empty string."""
     choices = list(choices)

@@ -13,9 +13,11 @@ keys are reported by name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -180,6 +182,31 @@ def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
     raise ModelError(f"{path} holds a {type(obj).__name__}, not a state_dict")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def plain_message(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one plain line: no terminal escape codes, no line breaks, cut at a word."""
+    text = " ".join(_ANSI.sub("", str(exc)).split()) or type(exc).__name__
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " …"
+    return text
+
+
+def _load_failure(path: Path, exc: BaseException) -> str:
+    """One complete line on why ``torch.load(path, weights_only=True)`` failed and what to do."""
+    text = _ANSI.sub("", str(exc))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        what = f" (it needs the Python class {found.group(1)})"
+        return (f"{path} holds pickled Python objects, not only tensors{what}: likely a whole model saved with "
+                "torch.save(model), which auditor does not unpickle because torch.load with weights_only=True "
+                "refuses to run code from a file; save the weights instead with "
+                "torch.save(model.state_dict(), 'weights.pt') and pass --model (the architecture: a torchvision "
+                "name or package.module:factory) with --weights weights.pt")
+    return f"cannot load weights {path} with weights_only=True: {plain_message(exc)}"
+
+
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` file (Hugging Face's format: a JSON header and raw bytes, no pickle)."""
     from safetensors import SafetensorError
@@ -205,8 +232,7 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load weights {p} with weights_only=True: {first[:300]}") from None
+        raise ModelError(_load_failure(p, exc)) from None
     return _extract_state_dict(obj, str(p))
 
 
@@ -235,6 +261,28 @@ def load_weights(module: nn.Module, path: str) -> str:
                          + ". Is the checkpoint for another architecture?")
     module.load_state_dict(state, strict=True)
     return sha256_file(p)
+
+
+def _pickle_globals(path: Path) -> str:
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        return str(exc)
+    return ""
+
+
+def _is_pickled_model(path: Path) -> bool:
+    """A ``torch.save`` archive whose pickle needs classes (a whole model), not a TorchScript file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    if any(n.endswith("/code/") or "/code/__torch__" in n for n in names):
+        return False  # TorchScript
+    return any(n.endswith("/data.pkl") for n in names) and "GLOBAL" in _pickle_globals(path)
 
 
 def load_model(spec: str, weights: str | None = None) -> LoadedModel:
@@ -270,9 +318,10 @@ def load_model(spec: str, weights: str | None = None) -> LoadedModel:
                 warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated but still common
                 module = torch.jit.load(spec, map_location="cpu")
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelError(f"{spec} is not a TorchScript file ({first[:200]}); for a state_dict use "
-                             f"--model ARCH --weights {spec}") from None
+            if _is_pickled_model(Path(spec)):
+                raise ModelError(_load_failure(Path(spec), RuntimeError(_pickle_globals(Path(spec))))) from None
+            raise ModelError(f"{spec} is not a TorchScript file ({plain_message(exc, 200)}); for a state_dict "
+                             f"use --model ARCH --weights {spec}") from None
         kind = "torchscript"
         file_hash = sha256_file(spec)
         pre = Preprocessing(source="none given (TorchScript)")
@@ -311,42 +360,159 @@ def module_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name]
 
 
-def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+_CALL = re.compile(r"^(.+)_(\d+)$")
+
+
+def layer_call(model: nn.Module, name: str) -> tuple[str, int]:
+    """(module name, call index) of a layer name.
+
+    A module that runs several times in one forward pass (torchvision's
+    ``BasicBlock.relu``) is one layer per call, named as torchvision's
+    feature_extraction names them: ``layer4.1.relu`` is the first call,
+    ``layer4.1.relu_1`` the second, and so on. A module whose own name ends in
+    ``_N`` is always that module.
+    """
     modules = dict(model.named_modules())
-    if name in modules and name:
-        return modules[name]
+    if name and name in modules:
+        return name, 0
+    m = _CALL.match(name or "")
+    if m and m.group(1) in modules and int(m.group(2)) >= 1:
+        return m.group(1), int(m.group(2))
     names = [n for n in modules if n]
     hint = did_you_mean(name, names)
     raise LayerError(f"model has no layer {name!r}{hint}; run `auditor layers MODEL` to list the layer names")
 
 
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """The module behind a layer name (``name`` or ``name_N`` for its later calls)."""
+    module_name, _ = layer_call(model, name)
+    return dict(model.named_modules())[module_name]
+
+
+def script_ancestor(model: nn.Module, module_name: str) -> str | None:
+    """The nearest module above ``module_name`` (the model itself included) that is TorchScript, or None."""
+    parts = module_name.split(".") if module_name else []
+    modules = dict(model.named_modules())
+    for i in range(len(parts) - 1, -1, -1):
+        up = ".".join(parts[:i])
+        if isinstance(modules.get(up), torch.jit.ScriptModule):
+            return up
+    return None
+
+
+class _Tap(nn.Module):
+    """An eager stand-in for a TorchScript submodule called from eager code, so a forward hook can run on it."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "inner", inner)  # not registered: the module tree keeps its names
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def hook_points(model: nn.Module, module_names: list[str], strict: bool = True):
+    """{module name: the module to register a forward hook on}, for the duration of the block.
+
+    An eager module is itself. A TorchScript module called from eager code is
+    swapped for an eager stand-in that calls it (PyTorch runs no hooks on
+    ScriptModules), put back afterwards. A module inside TorchScript code cannot
+    be observed at all: with ``strict`` that is a :class:`ModelError` saying to
+    pass the eager model; otherwise it is left out.
+    """
+    modules = dict(model.named_modules())
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    points: dict[str, nn.Module] = {}
+    try:
+        for name in dict.fromkeys(module_names):
+            module = modules[name]
+            inside = script_ancestor(model, name)
+            if inside is not None:
+                if not strict:
+                    continue
+                where = "the model" if inside == "" else f"module {inside!r}"
+                raise ModelError(f"layer {name!r} runs inside TorchScript code ({where} is scripted or traced), "
+                                 "where PyTorch allows no forward hooks; pass the eager model instead "
+                                 "(--model package.module:factory or file.py:factory, with --weights for its "
+                                 "state_dict)")
+            if isinstance(module, torch.jit.ScriptModule):
+                parent_name, _, child = name.rpartition(".")
+                parent = modules[parent_name]
+                tap = _Tap(module)
+                parent._modules[child] = tap
+                swapped.append((parent, child, module))
+                points[name] = tap
+            else:
+                points[name] = module
+        yield points
+    finally:
+        for parent, child, module in reversed(swapped):
+            parent._modules[child] = module
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One line of ``auditor layers``: a layer name (a module, or a later call of one) and its output."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...] | None  # per sample; None: not a tensor, not run, or not observable
+    calls: int  # how many times the module ran in one forward pass
+    note: str = ""
+
+
+def _shape_of(out) -> tuple[int, ...] | None:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape[1:])
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return tuple(out[0].shape[1:])
+    return None
+
+
 @torch.no_grad()
-def layer_shapes(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, str, tuple[int, ...] | None]]:
-    """(name, module type, per-sample output shape) for every named module."""
-    shapes: dict[str, tuple[int, ...]] = {}
+def layer_shapes(model: nn.Module, sample: torch.Tensor) -> list[LayerRow]:
+    """Every layer name with its module type, per-sample output shape and call count.
+
+    A module that runs more than once gives one row per call (``name``, ``name_1``, …).
+    """
+    shapes: dict[str, list[tuple[int, ...] | None]] = {}
     hooks = []
 
     def make(name: str):
         def hook(_mod, _inp, out):
-            if isinstance(out, torch.Tensor):
-                shapes[name] = tuple(out.shape[1:])
-            elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-                shapes[name] = tuple(out[0].shape[1:])
+            shapes.setdefault(name, []).append(_shape_of(out))
         return hook
 
+    names = module_names(model)
     was_training = model.training
     try:
-        for name, mod in model.named_modules():
-            if name:
-                hooks.append(mod.register_forward_hook(make(name)))
-        model.eval()
-        try:
-            model(sample)
-        except Exception as exc:
-            raise ModelError(f"a forward pass on a {tuple(sample.shape)} input failed: "
-                             f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        with hook_points(model, names, strict=False) as points:
+            for name, point in points.items():
+                hooks.append(point.register_forward_hook(make(name)))
+            model.eval()
+            try:
+                model(sample)
+            except Exception as exc:
+                raise ModelError(f"a forward pass on a {tuple(sample.shape)} input failed: "
+                                 f"{type(exc).__name__}: {plain_message(exc, 200)}") from None
+            finally:
+                for h in hooks:
+                    h.remove()
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
-    return [(name, type(mod).__name__, shapes.get(name)) for name, mod in model.named_modules() if name]
+    rows: list[LayerRow] = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        typ = getattr(mod, "original_name", None) if isinstance(mod, torch.jit.ScriptModule) else None
+        typ = typ or type(mod).__name__
+        if script_ancestor(model, name) is not None:
+            rows.append(LayerRow(name, typ, None, 0, "inside TorchScript: not observable"))
+            continue
+        seen = shapes.get(name, [])
+        note = f"runs {len(seen)}×: {name} is its first call" if len(seen) > 1 else ""
+        rows.append(LayerRow(name, typ, seen[0] if seen else None, len(seen), note))
+        for k in range(1, len(seen)):
+            rows.append(LayerRow(f"{name}_{k}", typ, seen[k], len(seen), f"call {k + 1} of {name}"))
+    return rows

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings as _pywarnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .config import AuditConfig
-from .errors import ConfigError, DataError
+from .errors import AuditorWarning, ConfigError, DataError
 from .flags import PartEvidence, Thresholds, flag_neuron
 from .results import (SCHEMA_VERSION, AuditResult, Concept, Distribution, Explanation, LayerResult,
                       NeuronResult, TopImage)
@@ -64,6 +65,75 @@ def resolve_preprocessing(cfg: AuditConfig, default):
                          crop=cfg.crop if cfg.crop is not None else default.crop,
                          mean=mean, std=std, source=source,
                          interpolation=getattr(default, "interpolation", "bilinear"))
+
+
+UPSCALE_SAMPLE = 2000  # images whose size is read (evenly spaced) to tell whether preprocessing enlarges them
+
+
+def preprocessing_notes(cfg: AuditConfig, pre, default, probe) -> tuple[list[str], dict[str, Any]]:
+    """Preprocessing decisions the user did not state, as sentences, and what was found in the images.
+
+    Normalisation assumed (from the model's defaults) or off (a model that declares
+    none, with no --mean/--std); resize and crop taken from the model's defaults;
+    probe images smaller than the model input, which the transform enlarges (or a
+    crop pads).
+    """
+    notes: list[str] = []
+    normalisation_given = cfg.mean is not None or cfg.std is not None or not cfg.normalize
+    if not normalisation_given:
+        if pre.mean is None:
+            notes.append(f"no normalisation: neither --mean/--std nor the model ({default.source}) gives one, so "
+                         "images reach the model as plain [0, 1] RGB; pass --mean/--std (ImageNet: "
+                         "0.485,0.456,0.406 / 0.229,0.224,0.225) if it was trained on normalised images, or "
+                         "--no-normalize to confirm [0, 1]")
+        else:
+            notes.append(f"normalisation assumed from {default.source}: mean {list(pre.mean)}, std {list(pre.std)}; "
+                         "pass --mean/--std or --no-normalize to change it")
+    if cfg.resize is None and cfg.crop is None and (pre.resize or pre.crop):
+        steps = " and ".join(s for s in (f"resize {pre.resize}" if pre.resize else "",
+                                         f"centre crop {pre.crop}" if pre.crop else "") if s)
+        notes.append(f"{steps} assumed from {default.source}; pass --resize/--crop to change them")
+    found: dict[str, Any] = {}
+    target = pre.resize or pre.crop
+    if target and len(probe):
+        n = len(probe)
+        in_memory = hasattr(probe, "load")  # a Dataset's items may be costly: look at fewer
+        rows = sorted({int(i) for i in np.linspace(0, n - 1, min(n, 64 if in_memory else UPSCALE_SAMPLE))})
+        small, sizes = 0, []
+        for i in rows:
+            side = _shorter_side(probe, i)
+            if side is None:  # unreadable images are reported by the collection
+                continue
+            sizes.append(side)
+            small += side < target
+        if small:
+            how = f"resized up to {pre.resize} px (shorter side)" if pre.resize else \
+                f"padded to the {pre.crop} px centre crop"
+            where = "of the probe images" if len(rows) == n else f"of {len(rows)} probe images sampled"
+            notes.append(f"{small} {where} are smaller than the model input (shortest side {min(sizes)} px) and are "
+                         f"{how}; small artifacts are blurred by upscaling: probe at the model's input size, or "
+                         "pass --resize/--crop to choose")
+        found = {"images_checked": len(rows), "images_enlarged": int(small), "smallest_side": min(sizes) if sizes
+                 else None}
+    return notes, found
+
+
+def _shorter_side(probe, i: int) -> int | None:
+    """The shorter side in pixels of probe image ``i`` (a file's header, or an in-memory image), or None."""
+    try:
+        if hasattr(probe, "load"):
+            x = probe.load(i)
+            if hasattr(x, "size") and not callable(x.size):  # PIL
+                return int(min(x.size))
+            shape = tuple(x.shape)
+            hw = shape[-2:] if len(shape) == 3 and shape[0] in (1, 3, 4) else shape[:2]
+            return int(min(hw))
+        from PIL import Image
+
+        with Image.open(probe.full_path(i)) as im:
+            return int(min(im.size))
+    except Exception:
+        return None
 
 
 def _check_paths(cfg: AuditConfig) -> None:
@@ -143,23 +213,31 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
     for name in layers:
         resolve_layer(loaded.module, name)
     pre = resolve_preprocessing(cfg, loaded.default_preprocessing)
+    pre_notes, pre_found = preprocessing_notes(cfg, pre, loaded.default_preprocessing, probe)
+    for note in pre_notes:
+        log(f"warning: {note}")
+    warnings.extend(pre_notes)
     geometry, transform = build_transform(pre, cfg.normalize)
     if hasattr(probe, "input_transform"):  # images held in memory (auditor.audit with a Dataset)
         transform = probe.input_transform(transform)
     model_hash = state_hash(loaded.module)  # what the cache key needs: the weights actually loaded
     timings["load_model_s"] = time.perf_counter() - t
 
-    collected = collect(loaded.module, layers, probe, transform=transform, transform_desc=pre.plain(),
-                        model_hash=f"{type(loaded.module).__name__}|{model_hash}",
-                        reduction=cfg.reduction, batch_size=cfg.batch_size, workers=cfg.workers,
-                        device=cfg.device, top_k=cfg.top_k, cache_dir=None if cfg.no_cache else cfg.cache_path,
-                        on_bad_image=cfg.on_bad_image, log=log, progress=progress, precision=cfg.precision,
-                        channels_last=cfg.channels_last, compile=cfg.compile, pin_memory=cfg.pin_memory,
-                        prefetch_factor=cfg.prefetch_factor, decode=cfg.decode, preprocessing=pre,
-                        normalize=cfg.normalize, fingerprint=cfg.fingerprint, chunk_size=cfg.chunk_size)
+    with _pywarnings.catch_warnings():  # collect's warnings reach the log and the results: not twice
+        _pywarnings.simplefilter("ignore", AuditorWarning)
+        collected = collect(loaded.module, layers, probe, transform=transform, transform_desc=pre.plain(),
+                            model_hash=f"{type(loaded.module).__name__}|{model_hash}",
+                            reduction=cfg.reduction, batch_size=cfg.batch_size, workers=cfg.workers,
+                            device=cfg.device, top_k=cfg.top_k, cache_dir=None if cfg.no_cache else cfg.cache_path,
+                            on_bad_image=cfg.on_bad_image, log=log, progress=progress, precision=cfg.precision,
+                            channels_last=cfg.channels_last, compile=cfg.compile, pin_memory=cfg.pin_memory,
+                            prefetch_factor=cfg.prefetch_factor, decode=cfg.decode, preprocessing=pre,
+                            normalize=cfg.normalize, fingerprint=cfg.fingerprint, chunk_size=cfg.chunk_size,
+                            token_layout=cfg.token_layout)
     if collected is None:  # a worker rank of a distributed run: rank 0 explains and reports
         return None
     timings["activations_s"] = collected.seconds
+    warnings.extend(collected.warnings)
     if collected.bad:
         warnings.append(f"{len(collected.bad)} unreadable image(s) skipped: "
                         + ", ".join(p for p, _ in collected.bad[:10]) + (" …" if len(collected.bad) > 10 else ""))
@@ -217,7 +295,10 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
     provenance: dict[str, Any] = {
         "model": loaded.provenance(),
         "layers": layers,
-        "preprocessing": pre.plain(),
+        # how each layer was captured: output kind, where it held the batch, how often its module runs
+        "capture": {name: {"kind": la.kind, "layout": la.layout, "module_calls": la.calls}
+                    for name, la in collected.layers.items()},
+        "preprocessing": pre.plain() | {"notes": pre_notes, **pre_found},
         # The collection already fingerprinted every image: reuse it instead of a second stat per image.
         "data": probe.provenance(collected.cache.get("images_fingerprint")) | {
                                       "n_used": int(N), "n_unreadable": len(collected.bad),

@@ -87,7 +87,7 @@ def test_resume_after_crash_gives_identical_array(setup, tmp_path):
 
     def bomb(_m, _i, _o):
         calls["n"] += 1
-        if calls["n"] == 7:  # in the second chunk (4 batches of 16 per 64-image chunk)
+        if calls["n"] == 2 + 7:  # after the 2 calibration passes: in the second chunk (4 batches of 16 per chunk)
             raise Boom("simulated crash")
 
     h = model.conv.register_forward_hook(bomb)
@@ -109,7 +109,7 @@ def test_corrupt_chunk_is_recomputed(setup, tmp_path):
 
     def bomb(_m, _i, _o):
         calls["n"] += 1
-        if calls["n"] == 9:  # in the third chunk: chunks 0 and 1 are committed
+        if calls["n"] == 2 + 9:  # after the 2 calibration passes: in the third chunk (chunks 0 and 1 committed)
             raise Boom("simulated crash")
 
     h = model.conv.register_forward_hook(bomb)
@@ -256,6 +256,13 @@ def _change_image_folder(ctx):
     ctx["probe"] = _copy_probe(ctx["probe"], ctx["tmp"] / "elsewhere")
 
 
+def _change_version(module_name, attr="__version__"):
+    def change(ctx):
+        import importlib
+        ctx["monkeypatch"].setattr(importlib.import_module(module_name), attr, "0.0.0-edited")
+    return change
+
+
 KEY_CHANGES = {
     "weights": _change_weights,
     "architecture": _change_architecture,
@@ -271,6 +278,10 @@ KEY_CHANGES = {
     "image renamed": _change_image_name,
     "image added": _change_image_count,
     "image folder": _change_image_folder,
+    "auditor version": _change_version("auditor"),
+    "torch version": _change_version("torch"),
+    "torchvision version": _change_version("torchvision"),
+    "token layout": lambda ctx: ctx["kw"].update(token_layout="batch_first"),
 }
 
 
@@ -283,9 +294,10 @@ def _run(ctx, cache, log=None):
 
 
 @pytest.mark.parametrize("change", list(KEY_CHANGES))
-def test_each_changed_key_forces_recompute(setup, tmp_path, change):
+def test_each_changed_key_forces_recompute(setup, tmp_path, change, monkeypatch):
     probe, model, tf = setup
-    ctx = {"probe": _small(probe), "model": model, "tf": tf, "layers": ["act"], "kw": {"top_k": 5}, "tmp": tmp_path}
+    ctx = {"probe": _small(probe), "model": model, "tf": tf, "layers": ["act"], "kw": {"top_k": 5}, "tmp": tmp_path,
+           "monkeypatch": monkeypatch}
     cache = tmp_path / "cache"
     first = _run(ctx, cache)
     assert first.cache["status"] == "miss"
@@ -375,3 +387,120 @@ def test_bad_arguments_are_config_errors(setup):
                       ({"decode": "device"}, "pass preprocessing")]:
         with pytest.raises(ConfigError, match=match):
             _collect(model, probe, tf, **kw)
+
+
+# -- the model's code is in the key: same weights, edited code -> recompute ------------------------
+
+MODEL_PY = """
+import torch
+from torch import nn
+
+SCALE = 1.0
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.out = nn.Identity()
+
+    def forward(self, x):
+        return self.out(self.conv(x) * 1.0 * SCALE)
+
+
+def make():
+    return Net()
+"""
+
+
+def _file_model(path, text):
+    path.write_text(text)
+    return load_model(f"{path}:make").module
+
+
+@pytest.mark.parametrize("edit", [("* 1.0 * SCALE", "* -1.0 * SCALE"), ("SCALE = 1.0", "SCALE = -1.0")])
+def test_edited_forward_with_the_same_weights_is_a_miss(setup, tmp_path, edit):
+    probe, _, tf = setup
+    probe = _small(probe, 16)
+    path = tmp_path / "net.py"
+    model = _file_model(path, MODEL_PY)
+    kw = dict(transform=tf, transform_desc={"t": "plain"}, batch_size=8, device="cpu", progress=False,
+              cache_dir=tmp_path / "cache", top_k=2)
+    first = collect(model, ["out"], probe, model_hash=state_hash(model), **kw)
+    assert collect(model, ["out"], probe, model_hash=state_hash(model), **kw).cache["status"] == "hit"
+    edited = _file_model(path, MODEL_PY.replace(*edit))
+    assert state_hash(edited) == state_hash(model)  # same weights
+    again = collect(edited, ["out"], probe, model_hash=state_hash(edited), **kw)
+    assert again.cache["status"] == "miss" and again.cache["key"] != first.cache["key"]
+    assert np.allclose(again.layers["out"].values, -np.asarray(first.layers["out"].values), atol=1e-6)
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class _Double(torch.nn.Module):
+    def forward(self, x):
+        return x * 2.0
+
+
+class _Triple(torch.nn.Module):
+    def forward(self, x):
+        return x * 3.0
+
+
+def test_torchscript_code_is_in_the_key(setup, tmp_path):
+    probe, _, tf = setup
+    probe = _small(probe, 8)
+    kw = dict(transform=tf, transform_desc={"t": "plain"}, batch_size=8, device="cpu", progress=False,
+              cache_dir=tmp_path, top_k=1, model_hash="no-weights")
+    a = collect(_Scaled(torch.jit.script(_Double())), ["inner"], probe, **kw)
+    b = collect(_Scaled(torch.jit.script(_Triple())), ["inner"], probe, **kw)
+    assert b.cache["status"] == "miss" and a.cache["key"] != b.cache["key"]
+    assert np.allclose(np.asarray(b.layers["inner"].values) * 2, np.asarray(a.layers["inner"].values) * 3)
+
+
+def test_unreadable_model_source_is_not_cached(setup, tmp_path):
+    probe, _, tf = setup
+    probe = _small(probe, 8)
+    namespace: dict = {"nn": torch.nn}
+    exec("class Hidden(nn.Module):\n    def forward(self, x):\n        return x * 2.0\n", namespace)
+    model = namespace["Hidden"]()
+    from auditor.collect import model_code
+    assert model_code(model).unreadable == [f"{model.__class__.__module__}.Hidden"]
+    logged = []
+    wrapped = _Scaled(model)
+    got = collect(wrapped, ["inner"], probe, transform=tf, transform_desc={}, batch_size=8, device="cpu",
+                  progress=False, cache_dir=tmp_path / "cache", top_k=1, model_hash="x", log=logged.append)
+    assert got.cache["status"] == "off" and got.cache["dir"] is None
+    assert any("not cached" in w and "Hidden" in w for w in got.warnings)
+    assert any(m.startswith("warning: activations not cached") for m in logged)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("where", ["class", "instance"])
+def test_forward_replaced_at_run_time_is_a_miss(setup, tmp_path, where):
+    probe, _, tf = setup
+    probe = _small(probe, 8)
+    model = _file_model(tmp_path / "net.py", MODEL_PY)
+    kw = dict(transform=tf, transform_desc={"t": "plain"}, batch_size=8, device="cpu", progress=False,
+              cache_dir=tmp_path / "cache", top_k=1, model_hash=state_hash(model))
+    first = collect(model, ["out"], probe, **kw)
+
+    def negated(self, x):
+        return self.out(-self.conv(x))
+
+    if where == "class":
+        type(model).forward = negated
+    else:
+        import types
+        model.forward = types.MethodType(negated, model)
+    again = collect(model, ["out"], probe, **kw)
+    assert again.cache["status"] == "miss"
+    assert np.allclose(again.layers["out"].values, -np.asarray(first.layers["out"].values), atol=1e-6)

@@ -27,14 +27,16 @@ def _collect(model, layers, images, **kw):
 
 
 def _outputs(model, layer, x):
-    """Reference: the layer's full output by a plain forward hook."""
+    """Reference: the layer's full output, copied (``clone``) by a plain forward hook the moment it returns."""
     got = {}
-    h = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: got.setdefault("o", o))
+
+    def keep(_m, _i, o):
+        got.setdefault("o", (o[0] if isinstance(o, tuple) else o).detach().clone())
+    h = dict(model.named_modules())[layer].register_forward_hook(keep)
     with torch.no_grad():
         model(x)
     h.remove()
-    out = got["o"]
-    return (out[0] if isinstance(out, tuple) else out).numpy()
+    return got["o"].numpy()
 
 
 def tiny_vit():

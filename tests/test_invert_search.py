@@ -310,7 +310,29 @@ def test_matches_bruteforce_more(seed):
     check_against_reference(A, Y, kw, fmt=seed % 6, backend="torch" if seed % 2 else "auto")
 
 
-def test_gpu_marker_registered():
+def test_gpu_marker_registered_and_on_every_cuda_test(request):
+    """`-m "not gpu"` must leave out every test that needs CUDA: the marker is registered (strict markers)
+    and every test that skips without CUDA carries it."""
+    import ast
+    from pathlib import Path
+
+    registered = [line.split(":")[0].strip() for line in request.config.getini("markers")]
+    assert "gpu" in registered
+    needs_cuda, unmarked = [], []
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        # module-level names bound to a skip-without-CUDA mark (e.g. ``cuda = pytest.mark.skipif(not torch.cuda...)``)
+        aliases = {t.id for node in tree.body if isinstance(node, ast.Assign) and "not torch.cuda.is_available()"
+                   in ast.unparse(node.value) for t in node.targets if isinstance(t, ast.Name)}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or not node.name.startswith("test_"):
+                continue
+            decos = [ast.unparse(d) for d in node.decorator_list]
+            if any("not torch.cuda.is_available()" in d or d in aliases for d in decos):
+                needs_cuda.append(node.name)
+                if "pytest.mark.gpu" not in decos:
+                    unmarked.append(f"{path.name}::{node.name}")
+    assert len(needs_cuda) >= 5 and unmarked == []
     assert InvertParams(device="cuda").device == "cuda"  # validation only; no CUDA needed
 
 

@@ -94,7 +94,7 @@ def test_resolve_layer_suggests_and_points_to_layers_command():
 def test_layer_shapes_restores_mode_and_removes_hooks():
     m = load_model(COLOUR_MODEL).module
     m.train()
-    rows = dict((n, s) for n, _, s in layer_shapes(m, torch.zeros(1, 3, 8, 8)))
+    rows = {r.name: r.shape for r in layer_shapes(m, torch.zeros(1, 3, 8, 8))}
     assert rows["act"] == (4, 8, 8) and rows["head"] == (2,)
     assert m.training
     assert all(not mod._forward_hooks for mod in m.modules())

@@ -61,9 +61,14 @@ def test_reported_numbers_match_independent_computation(colour_run, colour_probe
     assert n2.artifact_auroc["stamp"] == pytest.approx(_brute_auroc(a, stamp), abs=1e-9)
     from scipy.stats import mannwhitneyu
     best = n2.explanations[0]
-    if best.formula == "stamp":
-        assert best.p_value == pytest.approx(mannwhitneyu(a[stamp], a[~stamp]).pvalue, rel=1e-6)
-        assert best.support == stamp.sum()
+    # the formula's images, evaluated here from the labels CSV (whatever formula the search chose)
+    columns = {c: np.array([row[c] == "1" for row in rows]) for c in rows[0] if c != "path"}
+    expr = best.formula.replace(" AND NOT ", " & ~").replace(" OR NOT ", " | ~").replace(" AND ", " & ")
+    expr = expr.replace(" OR ", " | ").replace("NOT ", "~")
+    mask = eval(expr, {"__builtins__": {}}, columns)
+    assert best.formula.startswith("stamp") and mask.sum() > 0
+    assert best.support == mask.sum()
+    assert best.p_value == pytest.approx(mannwhitneyu(a[mask], a[~mask]).pvalue, rel=1e-6)
     lo, hi = best.auroc_ci
     assert lo <= best.auroc <= hi or best.auroc == pytest.approx(hi)
 
@@ -115,3 +120,55 @@ def test_yaml_config_with_flag_override(colour_args, tmp_path, capsys):
     data = json.loads((Path(get("--out")) / "results.json").read_text())
     assert data["config"]["beam"] == 3 and data["config"]["length"] == 2
     assert all(len(n["explanations"]) <= 3 for n in data["layers"][0]["neurons"])
+
+
+# -- preprocessing decisions the user did not state are said out loud ----------------------------
+
+def test_preprocessing_notes_against_the_probe_images(colour_probe):
+    from auditor.config import make_config
+    from auditor.data import load_probe_set
+    from auditor.models import Preprocessing
+    from auditor.pipeline import preprocessing_notes, resolve_preprocessing
+
+    images, labels = colour_probe  # 160 images of 32×32 px
+    probe = load_probe_set(images, labels)
+    tv = Preprocessing(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                       source="torchvision:resnet18 default weights transforms")
+    base = {"model": "resnet18", "layer": "layer4", "images": str(images), "labels": str(labels)}
+
+    def notes(default, **given):
+        cfg = make_config(base | given)
+        return preprocessing_notes(cfg, resolve_preprocessing(cfg, default), default, probe)
+
+    said, found = notes(tv)
+    assert any(n.startswith("normalisation assumed from torchvision:resnet18") for n in said)
+    assert any(n.startswith("resize 256 and centre crop 224 assumed") for n in said)
+    assert any(n.startswith("160 of the probe images are smaller than the model input (shortest side 32 px)")
+               and "resized up to 256" in n for n in said)
+    assert found == {"images_checked": 160, "images_enlarged": 160, "smallest_side": 32}
+    said, found = notes(tv, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize=32, crop=32)
+    assert said == [] and found["images_enlarged"] == 0  # everything stated, nothing enlarged
+    said, found = notes(Preprocessing(crop=48, source="a crop-only model"), normalize=False)
+    assert said[0] == "centre crop 48 assumed from a crop-only model; pass --resize/--crop to change them"
+    assert "padded to the 48 px centre crop" in said[1] and found["images_enlarged"] == 160
+    none = Preprocessing(source="none given (model takes [0, 1] RGB unless --mean/--std)")
+    said, found = notes(none)
+    assert len(said) == 1 and said[0].startswith("no normalisation") and found == {}
+    assert notes(none, normalize=False)[0] == []  # [0, 1] confirmed by --no-normalize
+
+
+def test_unstated_normalisation_is_on_stderr_and_in_the_results(colour_args, capsys):
+    args = [a for a in colour_args if a != "--no-normalize"] + ["--formats", "json"]
+    main(["run"] + args)
+    err = capsys.readouterr().err
+    assert "auditor: warning: no normalisation: neither --mean/--std nor the model" in err
+    out = Path(args[args.index("--out") + 1])
+    result = AuditResult.load(out / "results.json")
+    assert any(w.startswith("no normalisation") for w in result.warnings)
+    assert result.provenance["preprocessing"]["notes"][0].startswith("no normalisation")
+
+
+def test_capture_details_are_in_the_provenance(colour_run):
+    _, _, out, _ = colour_run
+    prov = json.loads((out / "results.json").read_text())["provenance"]
+    assert prov["capture"] == {"act": {"kind": "spatial", "layout": "batch_first", "module_calls": 1}}

@@ -2,7 +2,9 @@
 
 One forward pass per batch, with forward hooks on the audited layers that stop
 the pass once every one of them has produced its output. Each layer's output is
-reduced on the device, so only N×K numbers come back. While collecting, a
+reduced on the device inside its hook (before later in-place operations can change
+it), so only N×K numbers come back. A layer is a module's call: ``name`` is its first
+call in a forward pass, ``name_1`` its second (torchvision's naming). While collecting, a
 streaming top-k of the most-activating images per neuron is kept, with their
 spatial maps, so the report needs no second pass.
 
@@ -11,7 +13,8 @@ The package, one concern per file:
 ================  ===================================================================
 ``run.py``        :func:`collect`: cache hit, resume or compute; distributed ranks
 ``batches.py``    computing chunks: batches through the model, out-of-memory backoff
-``capture.py``    forward hooks on the audited layers
+``calibrate.py``  before the first batch: calls per module, each output's batch axis
+``capture.py``    forward hooks on the audited layers (reducing inside the hook)
 ``reduce.py``     reductions (registered by name), layer kinds, token layout, maps
 ``topk.py``       the streaming top-k of most-activating images per neuron
 ``load.py``       transforms and the datasets that read probe images into tensors
@@ -45,18 +48,20 @@ a barrier rank 0 assembles them and returns the result, the other ranks return
 ``None``. See :mod:`auditor.distributed`.
 """
 
-from .cache import CACHE_FORMAT, architecture_hash, cache_key, content_fingerprint, state_hash
-from .capture import capture, forward_until
+from .cache import (CACHE_FORMAT, ModelCode, architecture_hash, cache_key, cache_manifest, content_fingerprint,
+                    model_code, state_hash)
+from .capture import StopForward, capture, forward_until
 from .device import PRECISIONS, resolve_device, resolve_precision
 from .load import ProbeImages, TensorImages, build_transform
-from .reduce import (MAX_MAP_SIDE, MAX_PREFIX_TOKENS, REDUCTION_KINDS, REDUCTIONS, layer_kind, patch_grid,
-                     reduce_output, register_reduction)
+from .reduce import (MAX_MAP_SIDE, MAX_PREFIX_TOKENS, REDUCTION_KINDS, REDUCTIONS, TOKEN_LAYOUTS, batch_axis,
+                     layer_kind, patch_grid, reduce_output, register_reduction)
 from .result import Collected, LayerActivations
 from .run import DECODERS, FINGERPRINTS, clear_cache, collect
 from .topk import TopK
 
 __all__ = ["CACHE_FORMAT", "DECODERS", "FINGERPRINTS", "MAX_MAP_SIDE", "MAX_PREFIX_TOKENS", "PRECISIONS",
-           "REDUCTIONS", "REDUCTION_KINDS", "Collected", "LayerActivations", "ProbeImages", "TensorImages", "TopK",
-           "architecture_hash", "build_transform", "cache_key", "capture", "clear_cache", "collect",
-           "content_fingerprint", "forward_until", "layer_kind", "patch_grid", "reduce_output",
+           "REDUCTIONS", "REDUCTION_KINDS", "TOKEN_LAYOUTS", "Collected", "LayerActivations", "ModelCode",
+           "ProbeImages", "StopForward", "TensorImages", "TopK", "architecture_hash", "batch_axis",
+           "build_transform", "cache_key", "cache_manifest", "capture", "clear_cache", "collect",
+           "content_fingerprint", "forward_until", "layer_kind", "model_code", "patch_grid", "reduce_output",
            "register_reduction", "resolve_device", "resolve_precision", "state_hash"]

@@ -59,7 +59,7 @@ class Assembler:
                 raise LayerError(f"layer {self.layers[li]!r} gave {vals.shape[1]} neurons in one chunk and {K} in "
                                  "another; its output size must not depend on the input")
             _pwrite_all(fd, memoryview(vals).cast("B"), offset + start * K * 4)
-            self.meta[li] = {key: chunk[f"L{li}/{key}"] for key in ("shape", "kind", "reduction")
+            self.meta[li] = {key: chunk[f"L{li}/{key}"] for key in ("shape", "kind", "reduction", "layout", "calls")
                              if f"L{li}/{key}" in chunk}
             part = {key: chunk.get(f"L{li}/{key}") for key in ("top_values", "top_index", "top_maps")}
             self.tops[li] = merge_top([self.tops.get(li) or {}, part], self.k)
@@ -118,7 +118,9 @@ def load_final(folder: Path, layers: list[str], n: int) -> tuple[dict[str, Layer
                 top_index=get(f"L{li}/top_index"), top_values=get(f"L{li}/top_values"),
                 top_maps=get(f"L{li}/top_maps"),
                 kind=str(summary[f"L{li}/kind"]) if f"L{li}/kind" in summary else None,
-                reduction=str(summary[f"L{li}/reduction"]) if f"L{li}/reduction" in summary else None)
+                reduction=str(summary[f"L{li}/reduction"]) if f"L{li}/reduction" in summary else None,
+                layout=str(summary[f"L{li}/layout"]) if f"L{li}/layout" in summary else None,
+                calls=int(summary[f"L{li}/calls"]) if f"L{li}/calls" in summary else None)
     except (OSError, ValueError, KeyError):
         return None
     return out, {"ok": summary["ok"].astype(bool), "bad_index": summary["bad_index"],

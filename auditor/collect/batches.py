@@ -3,6 +3,7 @@ out-of-memory backoff."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
@@ -20,6 +21,7 @@ from .decode import decode_on_device
 from .device import autocast, is_channels_last, numerics
 from .files import atomic_savez
 from .load import ProbeImages, collate
+from .calibrate import calibrate
 from .reduce import reduce_layer_output
 from .topk import TopK
 
@@ -48,8 +50,11 @@ class Runner:
 
     def __init__(self, model, layers, reductions, probe, transform, dev, *, precision, channels_last, compiled,
                  batch_size, workers, pin_memory, prefetch_factor, top_k, decode, preprocessing, normalize,
-                 on_bad_image, log, bar):
+                 on_bad_image, log, bar, token_layouts=None):
         self.model, self.layers, self.reductions = model, layers, reductions
+        self.token_layouts = token_layouts or {name: "auto" for name in layers}
+        self.layouts: dict[str, str] | None = None  # per layer, measured once by calibrate()
+        self.calls: dict[str, int] = {}  # per layer: how often its module runs in one forward pass
         self.probe, self.transform, self.dev = probe, transform, dev
         self.precision, self.channels_last, self.compiled = precision, channels_last, compiled
         self.batch_size, self.micro = batch_size, batch_size
@@ -82,8 +87,9 @@ class Runner:
             forward = torch.compile(self.model, backend=backend)
         cur: int | None = None
         state: dict[str, Any] = {}
-        with capture(self.model, self.layers, stop_early=True) as store, numerics(self.precision, self.dev):
-            self.store, self.forward = store, forward
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(numerics(self.precision, self.dev))
+            self.forward = forward
             for (ci, rows_all), (x, rows, failed) in zip(plan.with_chunks(), self.loader(plan)):
                 if ci != cur:
                     if cur is not None:
@@ -106,11 +112,49 @@ class Runner:
                 elif self.decode == "device":
                     x = None
                 if x is not None and len(rows):
+                    if self.layouts is None:
+                        self.calibrate(x)
+                        self.store = stack.enter_context(
+                            capture(self.model, self.layers, stop_early=True, process=self._in_hook))
                     self._batch(x, rows, state)
                 self.images_done += len(rows)
                 self.bar.update(len(rows_all))
             if cur is not None:
                 on_chunk(cur, self._finish(state))
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dev, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _run_model(self, forward, x: torch.Tensor) -> None:
+        try:
+            with autocast(self.precision, self.dev):
+                forward_until(forward, x)
+        except (DataError, LayerError, ModelError, torch.OutOfMemoryError):
+            raise
+        except RuntimeError as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"the model's forward pass failed on a batch of shape {tuple(x.shape)}: "
+                             f"{msg[:300]} — check --resize/--crop and the model's expected input") from None
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Once per run, before the first batch: see :func:`.calibrate.calibrate`."""
+        self.layouts, self.calls = calibrate(self.model, self.layers, x[:1], self.token_layouts, prepare=self._prepare,
+                                             run=lambda xb: self._run_model(self.model, xb), dev=self.dev)
+
+    def _in_hook(self, name: str, out: Any):
+        """Runs inside the forward hook: reduce and take the top-k candidates' maps before anything later in the
+        forward pass can change ``out`` in place."""
+        with torch.autocast(device_type=out.device.type, enabled=False) if isinstance(out, torch.Tensor) \
+                else contextlib.nullcontext():
+            values, maps, kind, shape = reduce_layer_output(out, name, self.reductions[name], self.layouts[name])
+            if values.shape[0] != self.rows.shape[0]:
+                raise LayerError(f"layer {name!r} gave {values.shape[0]} rows for a batch of {self.rows.shape[0]} "
+                                 f"images (output shape {tuple(out.shape)}); check token_layout for this layer")
+            proposal = self.state["tops"][name].propose(values, self.rows, maps)
+        return values, proposal, kind, shape
 
     def _begin(self, start: int, stop: int) -> dict[str, Any]:
         return {"start": start, "n": stop - start, "values": {}, "meta": {},
@@ -118,9 +162,7 @@ class Runner:
                 "ok": torch.zeros(stop - start, dtype=torch.bool, device=self.dev), "bad": []}
 
     def _batch(self, x: torch.Tensor, rows: list[int], state: dict[str, Any]) -> None:
-        x = x.to(self.dev, non_blocking=True)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._prepare(x)
         rows_t = torch.as_tensor(rows, dtype=torch.long).to(self.dev, non_blocking=True)
         pos, B = 0, x.shape[0]
         while pos < B:
@@ -143,23 +185,18 @@ class Runner:
 
     def _forward(self, x: torch.Tensor, rows: torch.Tensor, state: dict[str, Any]):
         self.store.clear()
+        self.rows, self.state = rows, state
         try:
-            with autocast(self.precision, self.dev):
-                forward_until(self.forward, x)
-        except (DataError, torch.OutOfMemoryError):
-            raise
-        except RuntimeError as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"the model's forward pass failed on a batch of shape {tuple(x.shape)}: "
-                             f"{msg[:300]} — check --resize/--crop and the model's expected input") from None
-        out = {}
-        for name in self.layers:
-            if name not in self.store:
-                raise LayerError(f"layer {name!r} was not called during the forward pass; pick a layer "
-                                 "that the model's forward uses")
-            values, maps, kind, shape = reduce_layer_output(self.store[name], name, self.reductions[name], x.shape[0])
-            out[name] = (values, state["tops"][name].propose(values, rows, maps), kind, shape)
-        self.store.clear()
+            self._run_model(self.forward, x)
+            out = {}
+            for name in self.layers:
+                if name not in self.store:
+                    raise LayerError(f"layer {name!r} was not called during the forward pass; pick a layer "
+                                     "that the model's forward uses")
+                out[name] = self.store[name]
+        finally:
+            self.store.clear()
+            self.rows = self.state = None
         return out
 
     def _commit(self, proposal, rows: torch.Tensor, state: dict[str, Any]) -> None:
@@ -195,6 +232,8 @@ class Runner:
             chunk[f"L{li}/shape"] = np.asarray(shape, dtype=np.int64)
             chunk[f"L{li}/kind"] = np.asarray(kind)
             chunk[f"L{li}/reduction"] = np.asarray(self.reductions[name] if kind != "linear" else "none")
+            chunk[f"L{li}/layout"] = np.asarray(self.layouts[name])
+            chunk[f"L{li}/calls"] = np.asarray(self.calls[name], dtype=np.int64)
             for key, v in state["tops"][name].numpy().items():
                 chunk[f"L{li}/{key}"] = v
         return chunk
@@ -202,7 +241,8 @@ class Runner:
 
 def compute(model, layers, reductions, probe, transform, dev, chunks, todo, asm, folder, keep_chunks, *,
              precision, channels_last, compiled, batch_size, workers, pin_memory, prefetch_factor, top_k, decode,
-             preprocessing, normalize, on_bad_image, log, progress, chunk_path, n_todo) -> tuple[float, int]:
+             preprocessing, normalize, on_bad_image, log, progress, chunk_path, n_todo,
+             token_layouts=None) -> tuple[float, int]:
     """Compute ``todo`` chunks; each goes to its chunk file (cache) and/or the assembler."""
     if not todo:
         return 0.0, batch_size
@@ -217,7 +257,8 @@ def compute(model, layers, reductions, probe, transform, dev, chunks, todo, asm,
     runner = Runner(model, layers, reductions, probe, transform, dev, precision=precision,
                      channels_last=channels_last, compiled=compiled, batch_size=batch_size, workers=workers,
                      pin_memory=pin_memory, prefetch_factor=prefetch_factor, top_k=top_k, decode=decode,
-                     preprocessing=preprocessing, normalize=normalize, on_bad_image=on_bad_image, log=log, bar=bar)
+                     preprocessing=preprocessing, normalize=normalize, on_bad_image=on_bad_image, log=log, bar=bar,
+                     token_layouts=token_layouts)
 
     def on_chunk(ci: int, chunk: dict[str, np.ndarray]) -> None:
         if keep_chunks:

@@ -126,9 +126,61 @@ def patch_grid(n_tokens: int) -> tuple[int, int] | None:
     return None
 
 
-def reduce_layer_output(out: Any, name: str, reduction: str, batch: int | None = None
-            ) -> tuple[torch.Tensor, MapSource | None, str, tuple[int, ...]]:
-    """(B, K) float32 neuron values, a map source for the top images, the layer kind, per-image shape."""
+# -- token layout -------------------------------------------------------------------------
+
+#: How a (3-D) token output holds its batch: (B, T, D) or (T, B, D); "auto" measures it.
+TOKEN_LAYOUTS = ("auto", "batch_first", "sequence_first")
+
+
+def batch_axis(shape_a: tuple[int, ...], shape_b: tuple[int, ...], batch_a: int, batch_b: int) -> int | None:
+    """The axis holding the batch, from one layer's output shapes at two different batch sizes.
+
+    It is the one axis whose size follows the batch size while every other axis
+    keeps its size; None when no axis, or more than one, does.
+    """
+    if len(shape_a) != len(shape_b) or batch_a == batch_b:
+        return None
+    follows = [i for i, (a, b) in enumerate(zip(shape_a, shape_b)) if a == batch_a and b == batch_b]
+    fixed = all(a == b for i, (a, b) in enumerate(zip(shape_a, shape_b)) if i not in follows)
+    return follows[0] if len(follows) == 1 and fixed else None
+
+
+def normalise_layouts(token_layout: str | Mapping[str, str], layers: list[str]) -> dict[str, str]:
+    if isinstance(token_layout, str):
+        per = {name: token_layout for name in layers}
+    else:
+        unknown = sorted(set(token_layout) - set(layers))
+        if unknown:
+            raise ConfigError(f"token_layout given for {unknown}, which are not among the audited layers {layers}")
+        per = {name: token_layout.get(name, "auto") for name in layers}
+    for name, lay in per.items():
+        if lay not in TOKEN_LAYOUTS:
+            raise ConfigError(f"unknown token_layout {lay!r} for layer {name!r}; expected one of "
+                              f"{list(TOKEN_LAYOUTS)}")
+    return per
+
+
+# -- reducing a layer's output ----------------------------------------------------------------
+
+def _fresh(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``values`` as a tensor of its own: a view of the layer output (a linear layer's output, token 0) would
+    change when a later in-place operation of the forward pass changes the output."""
+    if values.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+        return values.clone()
+    return values
+
+
+def reduce_layer_output(out: Any, name: str, reduction: str, layout: str = "batch_first"
+                        ) -> tuple[torch.Tensor, MapSource | None, str, tuple[int, ...]]:
+    """(B, K) float32 neuron values, a map source for the top images, the layer kind, per-image shape.
+
+    ``layout`` says where a token output holds its batch: ``batch_first`` (B, T, D)
+    or ``sequence_first`` (T, B, D), which is turned around. It is measured once per
+    layer (see :func:`batch_axis`), never guessed from one batch's shape: a batch
+    can hold as many images as the layer has tokens. The values never share
+    memory with ``out``; the map source does, so take maps before the forward pass
+    goes on.
+    """
     if not isinstance(out, torch.Tensor):
         raise LayerError(f"layer {name!r} returned {type(out).__name__}, not a tensor; pick another layer")
     kind = layer_kind(out.dim())
@@ -141,20 +193,20 @@ def reduce_layer_output(out: Any, name: str, reduction: str, batch: int | None =
         raise LayerError(f"reduction {reduction!r} does not apply to layer {name!r}, which has {what} "
                          f"{tuple(out.shape)}; use one of {fits}")
     if kind == "linear":
-        return out.float(), None, kind, tuple(out.shape[1:])
+        return _fresh(out.float(), out), None, kind, tuple(out.shape[1:])
     if kind == "spatial":
-        values = REDUCTIONS[reduction](out.flatten(2), 2)
+        values = _fresh(REDUCTIONS[reduction](out.flatten(2), 2), out)
         return values, MapSource(out, "spatial"), kind, tuple(out.shape[1:])
-    # tokens: batch first (B, T, D); a sequence-first (T, B, D) output is turned around
-    if batch is not None and out.shape[0] != batch and out.shape[1] == batch:
+    if layout == "sequence_first":
         out = out.transpose(0, 1)
-    values = REDUCTIONS[reduction](out, 1)
+    values = _fresh(REDUCTIONS[reduction](out, 1), out)
     grid = patch_grid(out.shape[1])
     maps = MapSource(out, "tokens", *grid) if grid else None
     return values, maps, kind, tuple(out.shape[1:])
 
 
-def reduce_output(out: torch.Tensor, name: str, reduction: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def reduce_output(out: torch.Tensor, name: str, reduction: str, layout: str = "batch_first"
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, K) neuron values and, where the layer has a spatial layout, (B, K, h, w) maps."""
-    values, maps, _, _ = reduce_layer_output(out, name, reduction)
+    values, maps, _, _ = reduce_layer_output(out, name, reduction, layout)
     return values, (maps.all() if maps is not None else None)

@@ -20,6 +20,8 @@ class LayerActivations:
     top_maps: np.ndarray | None = None  # (k, K, h, w) float16
     kind: str | None = None  # "spatial" (B, C, H, W), "tokens" (B, T, D) or "linear" (B, D)
     reduction: str | None = None  # the reduction applied ("mean", "max", "cls"; linear layers: none needed)
+    layout: str | None = None  # where the output held the batch: "batch_first", or "sequence_first" (T, B, D)
+    calls: int | None = None  # how many times the layer's module runs in one forward pass
 
 
 @dataclass
@@ -34,10 +36,11 @@ class Collected:
     precision: str = "float32"  # the precision actually used ("auto" resolved)
     batch_size: int = 0  # the batch size in use at the end (smaller than asked after out-of-memory backoff)
     world_size: int = 1  # processes that computed the activations (torchrun)
+    warnings: list[str] = field(default_factory=list)  # for the user and the report (reused modules, no cache)
 
 
 def make_result(final, probe, on_bad_image, dev, precision, batch_size, world, t0, n_computed, cache,
-            compute_seconds: float = 0.0) -> Collected:
+                compute_seconds: float = 0.0, warnings: list[str] | None = None) -> Collected:
     layers, rest = final
     ok = rest["ok"]
     reasons = {int(i): str(r) for i, r in zip(rest["bad_index"], rest["bad_reason"])}
@@ -50,4 +53,4 @@ def make_result(final, probe, on_bad_image, dev, precision, batch_size, world, t
     seconds = time.perf_counter() - t0
     return Collected(layers=layers, ok=ok, bad=bad, cache=cache, seconds=seconds, device=str(dev),
                      images_per_second=(n_computed / compute_seconds if n_computed and compute_seconds > 0 else 0.0),
-                     precision=precision, batch_size=batch_size, world_size=world)
+                     precision=precision, batch_size=batch_size, world_size=world, warnings=list(warnings or []))

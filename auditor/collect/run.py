@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings as _warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,19 +18,21 @@ import torch
 from torch import nn
 
 from ..data import ProbeSet
-from ..errors import ConfigError, DataError
+from ..errors import AuditorWarning, ConfigError, DataError
 from ..models import Preprocessing, resolve_layer
 from .assemble import Assembler, load_final
 from .batches import compute
-from .cache import cache_key, cache_manifest, images_fingerprint
+from .cache import cache_key, cache_manifest, images_fingerprint, model_code
 from .device import resolve_device, resolve_precision
 from .files import atomic_write_text, chunk_valid, clean_stale_tmp, load_chunk, remove_scratch
+from .capture import check_hookable, reuse_warning
 from .load import TensorImages
-from .reduce import normalise_reductions
+from .reduce import normalise_layouts, normalise_reductions
 from .result import Collected, make_result
 
 DECODERS = ("pil", "device")
 FINGERPRINTS = ("stat", "content")
+
 
 def collect(model: nn.Module, layers: list[str], probe: ProbeSet | TensorImages, *, transform,
             transform_desc: dict[str, Any], model_hash: str, reduction: str | Mapping[str, str] = "mean",
@@ -39,7 +42,8 @@ def collect(model: nn.Module, layers: list[str], probe: ProbeSet | TensorImages,
             precision: str = "float32", channels_last: bool = False, compile: bool | str = False,
             pin_memory: bool = True, prefetch_factor: int = 2, decode: str = "pil",
             preprocessing: Preprocessing | None = None, normalize: bool = True, fingerprint: str = "stat",
-            distributed: bool | None = None, scratch_dir: Path | None = None) -> Collected | None:
+            distributed: bool | None = None, scratch_dir: Path | None = None,
+            token_layout: str | Mapping[str, str] = "auto") -> Collected | None:
     """Run the model over the probe set and return each layer's (N, K) activations.
 
     Returns None on the ranks other than 0 of a distributed (torchrun) run.
@@ -62,14 +66,26 @@ def collect(model: nn.Module, layers: list[str], probe: ProbeSet | TensorImages,
     - ``distributed``: None = follow torchrun's ``WORLD_SIZE``; False = single process.
       A distributed run needs ``cache_dir`` on storage every rank shares.
     - ``scratch_dir``: where the temporary arrays go when there is no cache folder.
+    - ``token_layout``: where (B, T, D) token outputs hold the batch: ``auto`` (measured once
+      per layer by a calibration pass at two batch sizes), ``batch_first`` or
+      ``sequence_first`` (T, B, D); one for every layer or ``{layer: layout}``.
+
+    A layer name is a module's dotted path (its first call in a forward pass) or
+    ``name_N`` for its later calls (torchvision's naming). The model's code is part
+    of the cache key; a model whose class source cannot be read is not cached
+    (see :func:`~auditor.collect.cache.model_code`). ``Collected.warnings`` says so,
+    and names modules that run more than once; each is also issued as an
+    :class:`~auditor.errors.AuditorWarning` and passed to ``log``.
     """
     t0 = time.perf_counter()
     reductions = normalise_reductions(reduction, list(layers))
+    layouts = normalise_layouts(token_layout, list(layers))
     _check_args(batch_size=batch_size, chunk_size=chunk_size, top_k=top_k, workers=workers,
                 prefetch_factor=prefetch_factor, on_bad_image=on_bad_image, decode=decode,
                 fingerprint=fingerprint, preprocessing=preprocessing)
     for name in layers:
         resolve_layer(model, name)
+    check_hookable(model, list(layers))
     from .. import distributed as _dist
 
     wants_dist = _dist.is_distributed() if distributed is None else bool(distributed)
@@ -82,13 +98,16 @@ def collect(model: nn.Module, layers: list[str], probe: ProbeSet | TensorImages,
     try:
         if dinfo is not None and dev.type == "cuda":
             dev = torch.device("cuda", dinfo.local_rank)
-        return _collect(model, list(layers), probe, reductions, dev, dinfo, t0, transform=transform,
+        result = _collect(model, list(layers), probe, reductions, layouts, dev, dinfo, t0, transform=transform,
                         transform_desc=transform_desc, model_hash=model_hash, batch_size=batch_size,
                         workers=workers, top_k=top_k, cache_dir=cache_dir, chunk_size=chunk_size,
                         on_bad_image=on_bad_image, log=log, progress=progress, precision=precision,
                         channels_last=channels_last, compile=compile, pin_memory=pin_memory,
                         prefetch_factor=prefetch_factor, decode=decode, preprocessing=preprocessing,
                         normalize=normalize, fingerprint=fingerprint, scratch_dir=scratch_dir)
+        for w in result.warnings if result is not None else ():
+            _warnings.warn(w, AuditorWarning, stacklevel=2)
+        return result
     finally:
         if dinfo is not None:
             dinfo.teardown()
@@ -110,7 +129,7 @@ def _check_args(**kw) -> None:
                           "(the Preprocessing the transform was built from)")
 
 
-def _collect(model, layers, probe, reductions, dev, dinfo, t0, *, transform, transform_desc, model_hash, batch_size,
+def _collect(model, layers, probe, reductions, layouts, dev, dinfo, t0, *, transform, transform_desc, model_hash, batch_size,
              workers, top_k, cache_dir, chunk_size, on_bad_image, log, progress, precision, channels_last, compile,
              pin_memory, prefetch_factor, decode, preprocessing, normalize, fingerprint, scratch_dir):
     N = len(probe)
@@ -119,8 +138,23 @@ def _collect(model, layers, probe, reductions, dev, dinfo, t0, *, transform, tra
     precision = resolve_precision(precision, dev)
     main = dinfo is None or dinfo.is_main
     world = 1 if dinfo is None else dinfo.world
+    warnings: list[str] = []
+    code = model_code(model)
+    if code.unreadable and cache_dir is not None:
+        what = ", ".join(code.unreadable[:3]) + (f" and {len(code.unreadable) - 3} more" if len(code.unreadable) > 3
+                                                  else "")
+        if dinfo is not None:
+            raise ConfigError(f"cannot read the source of {what}, so a change to the model's code could not be "
+                              "detected in the shared activation cache a distributed run needs; define the model "
+                              "in a .py file")
+        warnings.append(f"activations not cached: cannot read the source of {what} (defined in a notebook or by "
+                        "exec?), so a later change to that code could not be detected; define the model in a .py "
+                        "file to cache them")
+        log(f"warning: {warnings[-1]}")
+        cache_dir = None
     images_fp = images_fingerprint(probe, fingerprint)
-    manifest = cache_manifest(model, model_hash=model_hash, layers=layers, reductions=reductions,
+    manifest = cache_manifest(model, model_hash=model_hash, code=code, token_layouts=layouts, layers=layers,
+                              reductions=reductions,
                               transform=transform, transform_desc=transform_desc, decode=decode, normalize=normalize,
                               images_fp=images_fp, fingerprint=fingerprint, n=N, top_k=top_k, precision=precision,
                               channels_last=channels_last, compile=compile, chunk_size=chunk_size)
@@ -168,8 +202,9 @@ def _collect(model, layers, probe, reductions, dev, dinfo, t0, *, transform, tra
         if final is not None:
             log(f"activation cache hit: {N} images × {len(layers)} layer(s) reused from {folder}")
             return make_result(final, probe, on_bad_image, dev, precision, batch_size, world, t0, 0,
-                           {"status": "hit", "key": key, "dir": str(folder), "chunks": len(chunks),
-                            "reused": len(chunks), "images_fingerprint": images_fp})
+                               {"status": "hit", "key": key, "dir": str(folder), "chunks": len(chunks),
+                                "reused": len(chunks), "images_fingerprint": images_fp},
+                               warnings=warnings + _reuse_warnings(model, final[0], log))
 
         # -- chunks: reuse the committed ones, compute the rest (this rank's share)
         mine = list(range(len(chunks))) if dinfo is None else dinfo.shard(list(range(len(chunks))))
@@ -203,7 +238,8 @@ def _collect(model, layers, probe, reductions, dev, dinfo, t0, *, transform, tra
                                compiled=compile, batch_size=batch_size, workers=workers, pin_memory=pin_memory,
                                prefetch_factor=prefetch_factor, top_k=top_k, decode=decode,
                                preprocessing=preprocessing, normalize=normalize, on_bad_image=on_bad_image,
-                               log=log, progress=progress and main, chunk_path=chunk_path, n_todo=n_todo)
+                               log=log, progress=progress and main, chunk_path=chunk_path, n_todo=n_todo,
+                               token_layouts=layouts)
             n_reused = len(reused)
             if dinfo is not None:
                 counts = dinfo.gather((n_todo, len(reused)))
@@ -231,14 +267,22 @@ def _collect(model, layers, probe, reductions, dev, dinfo, t0, *, transform, tra
         if final is None:
             raise DataError(f"the activation cache {folder} could not be read back after writing it; is the "
                             "disk full, or is another process deleting it?")
-        status = "partial" if n_reused else "miss"
+        status = "partial" if n_reused else ("miss" if scratch is None else "off")
         return make_result(final, probe, on_bad_image, dev, precision, batch_used, world, t0, n_done,
                        {"status": status, "key": key, "dir": None if scratch else str(folder), "chunks": len(chunks),
                         "reused": n_reused, "images_fingerprint": images_fp},
-                       compute_seconds=compute_s if dinfo is None else time.perf_counter() - t0)
+                       compute_seconds=compute_s if dinfo is None else time.perf_counter() - t0,
+                       warnings=warnings + _reuse_warnings(model, final[0], log))
     finally:
         if scratch is not None:
             remove_scratch(scratch)
+
+
+def _reuse_warnings(model, layers: dict, log) -> list[str]:
+    out = [w for name, la in layers.items() if (w := reuse_warning(model, name, la.calls))]
+    for w in out:
+        log(f"warning: {w}")
+    return out
 
 
 def clear_cache(cache_dir: Path) -> None:
