@@ -298,9 +298,9 @@ def test_objective_reduction_is_the_activation_collections(shape, reduction):
 
     out = torch.randn(*shape)
     want, _ = reduce_output(out, "layer", reduction)
-    assert torch.equal(reduce_values(out, "layer", reduction, shape[0]), want)
+    assert torch.equal(reduce_values(out, "layer", reduction), want)
     if len(shape) == 3:  # a sequence-first (T, B, D) output is turned around
-        assert torch.equal(reduce_values(out.transpose(0, 1), "layer", reduction, shape[0]), want)
+        assert torch.equal(reduce_values(out.transpose(0, 1), "layer", reduction, "sequence_first"), want)
 
 
 def test_sams_for_a_token_layer_and_a_linear_layer():
@@ -312,13 +312,20 @@ def test_sams_for_a_token_layer_and_a_linear_layer():
             self.blocks = torch.nn.Linear(6, 6)
             self.head = torch.nn.Linear(6, 3)
 
+            self.seq = torch.nn.Identity()
+
         def forward(self, x):
             t = self.embed(x).flatten(2).transpose(1, 2)  # (B, 16, 6)
             t = torch.cat([t.mean(1, keepdim=True), t], 1)  # a CLS-like token first
             t = self.blocks(t)
+            self.seq(t.transpose(0, 1))  # the same tokens sequence-first (T, B, D)
             return self.head(t[:, 0])
 
     model = Tokens().eval()
+    images = np.random.default_rng(0).integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)
+    for reduction in ("cls", "mean"):  # the sequence-first output is measured and turned around
+        assert np.array_equal(activations_on(model, "seq", reduction, images),
+                              activations_on(model, "blocks", reduction, images))
     for layer, reduction, K in (("blocks", "cls", 6), ("blocks", "mean", 6), ("head", "mean", 3)):
         sams = generate(model, layer, reduction, list(range(K)), TINY, progress=False)
         values = activations_on(model, layer, reduction, sams.reshape(K * 2, 3, 16, 16))

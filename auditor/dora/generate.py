@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import ConfigError
 from . import image as _image
 from . import transforms as _tf
-from .objective import layer_values, objective_values
+from .objective import layer_info, layer_values, objective_values
 
 
 @dataclass(frozen=True)
@@ -86,15 +86,13 @@ def generate(model: nn.Module, layer: str, reduction: str, neurons: Sequence[int
     dev = torch.device(device)
     neurons = [int(k) for k in neurons]
     model.to(dev)
-    with torch.no_grad():
-        grey = torch.full((1, 3, params.size, params.size), 0.5, device=dev)
-        K = layer_values(model, layer, reduction, grey).shape[1]
+    norm = normaliser(mean, std)
+    K, layout = layer_info(model, layer, reduction, norm(torch.full((1, 3, params.size, params.size), 0.5, device=dev)))
     if any(not 0 <= k < K for k in neurons):
         raise ConfigError(f"neurons must lie in 0–{K - 1} (layer {layer!r} has {K}), got {neurons}")
     S, H = params.signals, params.size
     items = [(k, s) for k in neurons for s in range(S)]
     out = np.empty((len(neurons), S, 3, H, H), dtype=np.uint8)
-    norm = normaliser(mean, std)
     scale = _image.frequency_scale(H, H, params.decay_power).to(dev)
     batches = [items[i:i + params.batch_size] for i in range(0, len(items), params.batch_size)]
     bar = tqdm(total=len(batches) * params.steps, desc=f"s-AMS {layer}", unit="step", disable=not progress,
@@ -115,7 +113,7 @@ def generate(model: nn.Module, layer: str, reduction: str, neurons: Sequence[int
                     opt.zero_grad(set_to_none=True)
                     rgb = _image.to_rgb(spec, H, H, scale)
                     x = _tf.apply(rgb, params.robustness, params.seed, step)
-                    loss = -objective_values(model, layer, reduction, norm(x), own).sum()
+                    loss = -objective_values(model, layer, reduction, norm(x), own, layout).sum()
                     loss.backward()
                     opt.step()
                     bar.update(1)
@@ -139,7 +137,10 @@ def activations_on(model: nn.Module, layer: str, reduction: str, images_u8: np.n
     norm = normaliser(mean, std)
     model.to(dev)
     rows = []
+    layout = None
     for i in range(0, len(images_u8), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images_u8[i:i + batch_size])).to(dev).float().div_(255.0)
-        rows.append(layer_values(model, layer, reduction, norm(x)).double().cpu().numpy())
+        x = norm(torch.from_numpy(np.ascontiguousarray(images_u8[i:i + batch_size])).to(dev).float().div_(255.0))
+        if layout is None:
+            layout = layer_info(model, layer, reduction, x[:1])[1]
+        rows.append(layer_values(model, layer, reduction, x, layout).double().cpu().numpy())
     return np.concatenate(rows) if rows else np.zeros((0, 0))

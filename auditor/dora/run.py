@@ -14,7 +14,7 @@ from ..results import DoraLayer, DoraNeuron, DoraResult
 from . import cache as _cache
 from .distance import ea_distance, representation_matrix
 from .generate import SamsParams, activations_on, generate, normaliser
-from .objective import layer_values
+from .objective import layer_info
 from .outliers import embed_2d, outlier_scores
 
 THUMB_SIDE = 96  # s-AMS kept in the results are at most this many pixels per side
@@ -22,11 +22,10 @@ THUMB_COLOURS = 128  # ... as palette PNGs (about 2.5x smaller; the exact 8-bit 
 
 
 def n_neurons(model: nn.Module, layer: str, reduction: str, size: int, device, mean=None, std=None) -> int:
-    """K: the number of neurons the reduction gives for ``layer`` (one forward pass on a grey image)."""
+    """K: the number of neurons the reduction gives for ``layer`` (forward passes on a grey image)."""
     x = torch.full((1, 3, size, size), 0.5, device=device)
     model.to(device)
-    with torch.no_grad():
-        return int(layer_values(model, layer, reduction, normaliser(mean, std)(x)).shape[1])
+    return layer_info(model, layer, reduction, normaliser(mean, std)(x))[0]
 
 
 def sams_for_layer(model: nn.Module, layer: str, reduction: str, params: SamsParams, *, mean=None, std=None,
