@@ -90,6 +90,8 @@ def generate(model: nn.Module, layer: str, reduction: str, neurons: Sequence[int
     K, layout = layer_info(model, layer, reduction, norm(torch.full((1, 3, params.size, params.size), 0.5, device=dev)))
     if any(not 0 <= k < K for k in neurons):
         raise ConfigError(f"neurons must lie in 0–{K - 1} (layer {layer!r} has {K}), got {neurons}")
+    if len(set(neurons)) != len(neurons):
+        raise ConfigError(f"neurons lists a neuron twice: {neurons}")
     S, H = params.signals, params.size
     items = [(k, s) for k in neurons for s in range(S)]
     out = np.empty((len(neurons), S, 3, H, H), dtype=np.uint8)
