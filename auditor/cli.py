@@ -2,13 +2,19 @@
 
 Exit codes: 0 the audit ran and nothing was flagged (always for ``demo``);
 1 the audit ran and neurons were flagged (``--fail-on-flag``, on by default for
-``run``); 2 the audit could not run, with one line on stderr naming the bad input.
+``run``); 2 the audit could not run, with one line on stderr naming the bad input —
+or any other failure (a full disk, a read-only folder, a bug: ``--debug`` shows the
+traceback); 130 interrupted by Ctrl-C; 143 stopped by SIGTERM. 1 means "flagged" and
+nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import traceback
 import typing
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,7 @@ from . import __version__
 from .errors import AuditorError
 
 EXIT_OK, EXIT_FLAGGED, EXIT_ERROR = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
 def _err(msg: str) -> None:
@@ -46,6 +53,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         "flag_margin": "flagging", "fail_on_flag": "flagging",
         "flag_partial_auroc": "flagging", "flag_min_support": "flagging",
         "dora": "DORA",
+        "impact": "impact on the outputs", "impact_count": "impact on the outputs",
+        "impact_seed": "impact on the outputs", "impact_params": "impact on the outputs",
+        "output": "impact on the outputs", "class_names": "impact on the outputs",
+        "ablation": "impact on the outputs", "ablation_draws": "impact on the outputs",
+        "fail_on_impact": "impact on the outputs", "save_pairs": "impact on the outputs",
     }
     for name, info in FIELDS.items():
         if name in skip:
@@ -94,7 +106,15 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
 
 # -- commands ------------------------------------------------------------------------
 
-def _finish(result, written: dict[str, Path], fail_on_flag: bool) -> int:
+def impact_exceeded(result, threshold: float | None) -> list[str]:
+    """Artifacts whose flip rate is above ``threshold`` (the --fail-on-impact gate)."""
+    if threshold is None:
+        return []
+    return [imp.artifact for imp in getattr(result, "impact", []) or []
+            if imp.flip_rate is not None and imp.flip_rate > threshold]
+
+
+def _finish(result, written: dict[str, Path], fail_on_flag: bool, fail_on_impact: float | None = None) -> int:
     summary = result.summary()
     for art, info in summary.items():
         flagged = [f"{layer}#{idx}" for layer, idx in info["flagged"]]
@@ -102,12 +122,17 @@ def _finish(result, written: dict[str, Path], fail_on_flag: bool) -> int:
         verdict = f"{len(flagged)} neuron(s) flagged" + (f" ({', '.join(flagged[:8])}{' …' if len(flagged) > 8 else ''})"
                                                          if flagged else "")
         _info(f"{art}: {verdict}; {sens} artifact-sensitive")
+    for imp in getattr(result, "impact", []) or []:
+        _info(f"impact: {imp.summary}")
     if "html" in written:
         _info(f"report: {written['html']}")
     for fmt, path in written.items():
         if fmt != "html":
             _info(f"{fmt}: {path}")
-    if fail_on_flag and result.n_flagged:
+    exceeded = impact_exceeded(result, fail_on_impact)
+    if exceeded:
+        _info(f"flip rate above --fail-on-impact {fail_on_impact:g} for: {', '.join(exceeded)}")
+    if (fail_on_flag and result.n_flagged) or exceeded:
         return EXIT_FLAGGED
     return EXIT_OK
 
@@ -122,7 +147,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if result is None:  # worker rank of a torchrun launch: rank 0 writes the report
         return EXIT_OK
     written = result.save(cfg.out, formats=cfg.formats)
-    return _finish(result, written, cfg.fail_on_flag)
+    return _finish(result, written, cfg.fail_on_flag, cfg.fail_on_impact)
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
@@ -187,8 +212,13 @@ def cmd_render(ns: argparse.Namespace) -> int:
 def cmd_synth(ns: argparse.Namespace) -> int:
     from .synth import parse_params, synthesise
 
+    from .errors import ConfigError
+
+    if ns.count is not None and ns.fraction is not None:
+        raise ConfigError("give --count or --fraction, not both (--count M pastes each artifact on M clean images)")
     made = synthesise(ns.images, ns.labels, ns.out, artifacts=[a.strip() for a in ns.artifacts.split(",") if a.strip()],
-                      fraction=ns.fraction, seed=ns.seed, params=parse_params(ns.param),
+                      fraction=ns.fraction if ns.fraction is not None else "0.5", count=ns.count,
+                      seed=ns.seed, params=parse_params(ns.param),
                       labels_format=ns.labels_format, plugins=ns.plugin, overwrite=ns.overwrite,
                       link_clean=ns.link_clean, log=_info, progress=not ns.quiet)
     _info(f"labels: {made.labels}")
@@ -295,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Audit a trained PyTorch image model neuron by neuron: INVERT explanations, "
                     "artifact (Clever Hans) flags, HTML/PDF reports.")
     parser.add_argument("--version", action="version", version=f"auditor {__version__}")
+    debug_help = "on an error, print the traceback too (or set AUDITOR_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="audit the embedded demo model (no inputs needed) and write a report",
@@ -375,8 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (not inside --images)")
     p.add_argument("--artifacts", required=True,
                    help=f"generators, comma-separated (registered: {', '.join(available_artifacts())})")
-    p.add_argument("--fraction", default="0.5", help="fraction of the clean images that get each artifact, or per "
+    p.add_argument("--fraction", default=None, help="fraction of the clean images that get each artifact, or per "
                    "artifact: watermark=0.5,text=0.2 (default 0.5)")
+    p.add_argument("--count", type=int, default=None, metavar="M",
+                   help="instead of --fraction: paste each artifact on M images that carry no artifact concept "
+                        "(all of them if fewer) — the images `auditor run`'s impact test uses with the same "
+                        "--seed and parameters")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--param", action="append", default=[], metavar="ARTIFACT.NAME=VALUE",
                    help="generator parameter, repeatable, value as YAML: watermark.opacity=0.5, "
@@ -445,23 +481,77 @@ def build_parser() -> argparse.ArgumentParser:
                    "neurons flagged that the previous one did not")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_watch)
+
+    for p in sub.choices.values():  # `auditor run --debug …` works as well as `auditor --debug run …`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError that reached the CLI: what happened, the path, what to do."""
+    where = f" {exc.filename}" if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where += f" -> {exc.filename2}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+        return f"{what} writing{where or ' (path unknown)'}; free space or choose another --out / --cache-dir"
+    if exc.errno == errno.EROFS:
+        return f"read-only file system:{where}; choose a writable --out / --cache-dir"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied:{where}; choose a folder you can write (--out / --cache-dir)"
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"{text}:{where}" if where else f"{type(exc).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import interrupt
+
     parser = build_parser()
     ns = parser.parse_args(argv)
     if not getattr(ns, "func", None):
         parser.print_help()
         return EXIT_ERROR
-    try:
-        return ns.func(ns)
-    except AuditorError as exc:
-        _err(str(exc))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        _err("interrupted; completed activation chunks are kept in the cache and reused on the next run")
-        return 130
+    debug = bool(getattr(ns, "debug", False)) or os.environ.get("AUDITOR_DEBUG", "") not in ("", "0")
+    with interrupt.handlers():
+        try:
+            return ns.func(ns)
+        except AuditorError as exc:
+            if debug:
+                traceback.print_exc()
+            _err(str(exc))
+            return exc.exit_code
+        except interrupt.Terminated:
+            _err("terminated by SIGTERM; partial files were removed (--out holds one whole run, as before or "
+                 "new), and completed activation chunks stay in the cache for the next run")
+            return EXIT_TERMINATED
+        except KeyboardInterrupt:
+            _err("interrupted; completed activation chunks are kept in the cache and reused on the next run")
+            return EXIT_INTERRUPTED
+        except OSError as exc:
+            if debug:
+                traceback.print_exc()
+            _err(os_error_line(exc))
+            return EXIT_ERROR
+        except Exception as exc:  # a bug: one line, never exit 1 (that means "flagged")
+            if debug:
+                traceback.print_exc()
+            where = _origin(exc)
+            _err(f"unexpected {type(exc).__name__}: {_one_line(exc)}{where} — this is a bug in auditor or an "
+                 "input it does not recognise; rerun with --debug for the traceback and report it")
+            return EXIT_ERROR
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + (" …" if len(text) > 300 else "") if text else "(no message)"
+
+
+def _origin(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    if not tb:
+        return ""
+    last = tb[-1]
+    return f" (at {os.path.basename(last.filename)}:{last.lineno})"
 
 
 if __name__ == "__main__":  # pragma: no cover

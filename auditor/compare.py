@@ -18,9 +18,7 @@ This module needs numpy and scipy, never torch: it works from saved results.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -130,7 +128,8 @@ class Comparison(_Record):
 
     def save(self, out: str | os.PathLike, formats: Iterable[str] = ("html", "pdf", "json", "junit")
              ) -> dict[str, Path]:
-        """Write the comparison into the folder ``out`` (staged: ``out`` is untouched if anything fails)."""
+        """Write the comparison into the folder ``out``: a fresh run folder inside it, switched in at once
+        (``out`` is untouched if anything fails; an earlier comparison's other files are gone)."""
         from .report.compare import render_comparison
 
         formats = [formats] if isinstance(formats, str) else list(formats)
@@ -139,23 +138,10 @@ class Comparison(_Record):
         if unknown:
             raise ConfigError(f"unknown compare output {unknown[0]!r}{did_you_mean(unknown[0], COMPARE_FILES)}; "
                               f"expected some of: {', '.join(COMPARE_FILES)}")
-        out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out} exists and is not a folder")
-        parent = out.resolve().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=parent))
-        try:
-            written = render_comparison(self, staging, formats)
-            out.mkdir(exist_ok=True)
-            final = {}
-            for fmt, path in written.items():
-                target = out / path.name
-                os.replace(path, target)
-                final[fmt] = target
-            return final
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        from .outdir import publish
+
+        # Owned and switched at once, like an audit's --out (auditor/outdir.py).
+        return publish(out, lambda folder: render_comparison(self, folder, formats), names=COMPARE_FILES)
 
     def _repr_html_(self) -> str:
         import html as _html
@@ -291,13 +277,37 @@ def cached_activations(r: AuditResult, layer: str, which: str) -> np.ndarray:
         values = np.load(path, mmap_mode="r")
         with np.load(Path(folder) / "summary.npz") as summary:
             ok = summary["ok"].astype(bool)
+            commit = str(summary["commit"]) if "commit" in summary else None
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"--match activations: cannot read the activation cache {folder} of the {which} "
                           f"audit ({exc}); re-run that audit, or use --match index") from None
+    if not _matches_commit(Path(folder), path, values, commit):
+        raise ConfigError(f"--match activations: {path} in the activation cache of the {which} audit does not "
+                          "match the checksum, shape or commit recorded when it was written (changed on disk, or "
+                          "written by an older auditor); re-run that audit to rebuild it, or use --match index")
     if len(ok) != len(values):
         raise ConfigError(f"--match activations: the activation cache {folder} of the {which} audit is "
                           "inconsistent (row counts differ); re-run that audit, or use --match index")
     return values, ok
+
+
+def _matches_commit(folder: Path, path: Path, values: np.ndarray, commit: str | None) -> bool:
+    """The array is the one the cache committed: its shape and sha256 as recorded in manifest.json."""
+    import hashlib
+    import json
+
+    try:
+        final = json.loads((folder / "manifest.json").read_text())["final"]
+        want = final["arrays"][path.name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if commit is None or commit != final.get("commit") or list(values.shape) != list(want.get("shape", [])):
+        return False
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest() == want.get("sha256")
 
 
 CHUNK_ROWS = 4096

@@ -95,6 +95,40 @@ def _dora_value(value: Any) -> Any:
         return parsed if parsed is not None else {}
     return value
 
+class SignoffSection(BaseModel):
+    """``signoff:`` — who prepared and reviewed the audit and what was decided (printed on page 1).
+
+    Any field left out stays a blank line to fill in on the printed report.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prepared_by: str | None = Field(None, description="who ran the audit")
+    reviewed_by: str | None = Field(None, description="who reviewed it")
+    decision: str | None = Field(None, description="the decision taken, e.g. 'release blocked until retrained'")
+    date: str | None = Field(None, description="date of the decision (free text, e.g. 2026-12-02)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        # --signoff "prepared_by=A. Lee; reviewed_by=B. Chen" on the command line
+        if isinstance(value, str):
+            out: dict[str, str] = {}
+            for part in value.split(";"):
+                if not part.strip():
+                    continue
+                key, sep, val = part.partition("=")
+                if not sep:
+                    raise ValueError(f"expected key=value pairs separated by ';', got {part.strip()!r}")
+                out[key.strip()] = val.strip()
+            return out
+        return value
+
+    @field_validator("date", mode="before")
+    @classmethod
+    def _date_text(cls, value: Any) -> Any:
+        return value.isoformat() if hasattr(value, "isoformat") else value  # YAML reads 2026-12-02 as a date
+
 
 def _synth_value(value: Any) -> Any:
     """``--synth`` on the command line: YAML (``{artifacts: [watermark], fraction: 0.3}``) or a list of names."""
@@ -197,10 +231,35 @@ class AuditConfig(BaseModel):
     dora: DoraSection | None = Field(None, description="DORA outlier neurons from synthetic images (off by default): "
                                      "on, or YAML such as {steps: 90, signals: 3, distance: pairwise}")
 
+    # -- impact on the model's outputs -------------------------------------------------
+    impact: bool = Field(True, description="measure what each artifact with a generator does to the model's "
+                         "outputs: paste it on clean probe images, compare predictions (flip rate), an occlusion "
+                         "control, and the ablation of flagged neurons (--no-impact: skip)")
+    impact_count: int = Field(500, ge=1, description="clean probe images the artifacts are pasted on (at most all "
+                              "images that carry no artifact concept); `auditor synth --count` gives the same")
+    impact_seed: int | None = Field(None, description="seed of the pasted artifacts (default: synth.seed, else seed)")
+    impact_params: dict[str, dict[str, Any]] | None = Field(None, description="generator parameters per artifact, "
+                                                            "e.g. {watermark: {logo: mark.png, opacity: [0.3, 0.6]}} "
+                                                            "(default: synth.params)")
+    output: Literal["auto", "classes", "embedding"] = Field(
+        "auto", description="what the model returns: class scores (flip rate, class flows) or an embedding "
+                            "(cosine distance per head); auto: class scores when the output is one (N, C) tensor")
+    class_names: str | None = Field(None, description="text file with one class name per line (or a JSON list), "
+                                    "in output order (default: torchvision weights metadata, else indices)")
+    ablation: Literal["mean", "zero"] = Field("mean", description="how flagged neurons are ablated: replaced by "
+                                              "their mean over the clean test images, or by zero")
+    ablation_draws: int = Field(10, ge=1, description="random ablations of as many unflagged neurons, to compare")
+    fail_on_impact: float | None = Field(None, ge=0.0, le=1.0, description="exit with code 1 when an artifact "
+                                         "flips more than this fraction of predictions (e.g. 0.05)")
+    save_pairs: str | None = Field(None, description="folder to write the clean/pasted image pairs into "
+                                   "(the `auditor synth` layout)")
+
     # -- output ------------------------------------------------------------------
     out: str = Field("audit-report", description="output folder")
     top_k: int = Field(9, ge=0, le=64, description="top-activating images kept per neuron")
     title: str | None = Field(None, description="report title")
+    signoff: SignoffSection | None = Field(None, description="sign-off block on page 1: prepared_by, reviewed_by, "
+                                           "decision, date (YAML mapping, or 'key=value; key=value')")
     formats: tuple[Literal["html", "pdf", "json", "csv", "junit"], ...] = Field(
         ("html", "pdf", "json", "csv", "junit"), description="outputs to write")
 
@@ -230,6 +289,17 @@ class AuditConfig(BaseModel):
         value = _dora_value(value)
         if isinstance(value, dict) and value.get("enabled") is False:
             return None
+        return value
+
+    @field_validator("impact_params", mode="before")
+    @classmethod
+    def _impact_params(cls, value: Any) -> Any:
+        if isinstance(value, str):  # --impact-params on the command line: YAML
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError(f"expected a YAML mapping like {{watermark: {{opacity: 0.5}}}}, got {value!r}") \
+                    from None
         return value
 
     @field_validator("mean", "std", mode="before")
@@ -274,13 +344,10 @@ def _format_error(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
-        if err["type"] == "extra_forbidden" and len(err["loc"]) > 1 and err["loc"][0] == "dora":
-            key = str(err["loc"][-1])
-            parts.append(f"unknown key 'dora.{key}' in {source}{did_you_mean(key, DoraSection.model_fields)}")
-            continue
-        if err["type"] == "extra_forbidden" and len(err["loc"]) > 1 and err["loc"][0] == "synth":
-            key = str(err["loc"][-1])
-            parts.append(f"unknown key 'synth.{key}' in {source}{did_you_mean(key, SynthSection.model_fields)}")
+        if err["type"] == "extra_forbidden" and len(err["loc"]) > 1 and err["loc"][0] in ("synth", "signoff", "dora"):
+            key, section = str(err["loc"][-1]), str(err["loc"][0])
+            known = {"synth": SynthSection, "signoff": SignoffSection, "dora": DoraSection}[section].model_fields
+            parts.append(f"unknown key '{section}.{key}' in {source}{did_you_mean(key, known)}")
             continue
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][0])
@@ -329,7 +396,16 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if isinstance(synth, dict) and isinstance(synth.get("plugins"), list):
         synth["plugins"] = [str(path.parent / p) if isinstance(p, str) and p.endswith(".py")
                             and not Path(p).is_absolute() else p for p in synth["plugins"]]
-    for key in ("model", "weights", "images", "labels", "hierarchy", "cache_dir", "out"):
+    impact_params = data.get("impact_params")
+    if isinstance(impact_params, dict):  # a logo or font file named in the config: relative to the file
+        for params in impact_params.values():
+            if isinstance(params, dict):
+                for k in ("logo", "font"):
+                    v = params.get(k)
+                    if isinstance(v, str) and not Path(v).is_absolute():
+                        params[k] = str(path.parent / v)
+    for key in ("model", "weights", "images", "labels", "hierarchy", "cache_dir", "out", "class_names",
+                "save_pairs"):
         value = data.get(key)
         if isinstance(value, str) and key != "model" and not Path(value).is_absolute():
             data[key] = str((path.parent / value))

@@ -108,9 +108,12 @@ class ProbeSet:
 
     # -- fingerprints --------------------------------------------------------------------
     def _stat_lines(self, h) -> None:
-        size, mtime = stat_rows(self.root, self.paths)
-        h.update("\n".join(self.paths).encode())
-        h.update(b"\0" + size.tobytes() + b"\0" + mtime.tobytes())
+        # ctime and inode too: a file replaced by another of the same size, with its mtime set back
+        # (cp --preserve, rsync -t, touch -r), still gets a new inode or ctime.
+        size, mtime, ctime, inode = stat_rows(self.root, self.paths)
+        h.update(b"stat2\0" + "\n".join(self.paths).encode())
+        for col in (size, mtime, ctime, inode):
+            h.update(b"\0" + col.tobytes())
 
     def labels_fingerprint(self) -> str:
         """Hash of the labels alone: concepts, the (N, C) matrix, the clean sources (no file access)."""
@@ -366,11 +369,14 @@ def check_files(root: Path, paths: list[str], where, listed_in: str) -> None:
                         f"{first}")
 
 
-def stat_rows(root: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(size, mtime_ns) of every path; ``stat`` relative to each open folder (fewer path lookups)."""
+def stat_rows(root: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(size, mtime_ns, ctime_ns, inode) of every path; ``stat`` relative to each open folder
+    (fewer path lookups)."""
     n = len(paths)
     size = np.zeros(n, dtype=np.int64)
     mtime = np.zeros(n, dtype=np.int64)
+    ctime = np.zeros(n, dtype=np.int64)
+    inode = np.zeros(n, dtype=np.uint64)
     root_s = os.fspath(root)
     use_fd = os.stat in os.supports_dir_fd and hasattr(os, "O_DIRECTORY")
     codes, folders, names = _folders(paths)
@@ -391,10 +397,12 @@ def stat_rows(root: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
                     st = os.stat(os.path.join(root_s, paths[i]))
                 size[i] = st.st_size
                 mtime[i] = st.st_mtime_ns
+                ctime[i] = st.st_ctime_ns
+                inode[i] = st.st_ino
         finally:
             if fd is not None:
                 os.close(fd)
-    return size, mtime
+    return size, mtime, ctime, inode
 
 
 def _merge_duplicates(table: LabelTable, paths: list[str]) -> tuple[list[str], Any, list[str] | None, np.ndarray]:

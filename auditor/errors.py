@@ -1,7 +1,8 @@
 """User-facing errors.
 
 Every failure a user can cause is an :class:`AuditorError`. The CLI maps them to
-exit code 2 with a one-line message; anything else is a bug in auditor.
+exit code 2 with a one-line message; anything else is a bug in auditor (the CLI
+still exits 2 with one line for it; ``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class DataError(AuditorError):
 
 class ReportError(AuditorError):
     """A saved result cannot be read or rendered."""
+
+
+class OutputError(AuditorError):
+    """The output folder cannot be written as asked (a file auditor did not write, a lock held)."""
 
 
 class AuditorWarning(UserWarning):

@@ -72,10 +72,9 @@ def data_uri(img: Image.Image, fmt: str = "JPEG", quality: int = 80) -> str:
 
 def load_view(path: Path, geometry) -> Image.Image:
     """The image as the model saw it (resize and crop, no normalisation)."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        view = geometry(im)
-    return view
+    from .images import open_rgb
+
+    return geometry(open_rgb(path))
 
 
 def thumbnail(view: Image.Image, side: int = THUMB_SIDE) -> Image.Image:
@@ -101,6 +100,6 @@ def top_image_views(paths: Sequence[Path], geometry) -> list[Image.Image | None]
     for p in paths:
         try:
             out.append(load_view(p, geometry))
-        except OSError:
+        except (OSError, ValueError, SyntaxError):  # unreadable now, or past the decompression-bomb limit
             out.append(None)
     return out

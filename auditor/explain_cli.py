@@ -61,7 +61,7 @@ def run_explain(ns: argparse.Namespace) -> int:
     from .data import read_label_matrix
     from .errors import ConfigError, did_you_mean
     from .flags import Thresholds
-    from .pipeline import neuron_results, package_versions, summarise_concepts, write_outputs
+    from .pipeline import neuron_results, package_versions, small_probe_warnings, summarise_concepts, write_outputs
     from .results import SCHEMA_VERSION, AuditResult, LayerResult
 
     t0 = time.perf_counter()
@@ -81,6 +81,10 @@ def run_explain(ns: argparse.Namespace) -> int:
     t_load = time.perf_counter() - t0
 
     cols, usable, warnings = summarise_concepts(Y, concepts, artifacts)
+    for msg in small_probe_warnings(int(A.shape[0]), {a: int(Y[:, concepts.index(a)].sum()) for a in artifacts},
+                                    Thresholds(), ns.max_fraction):
+        print(f"auditor: warning: {msg}", file=sys.stderr)
+        warnings.append(msg)
     names = [concepts[j] for j in usable]
     Yu = Y[:, usable]
     params = invert.InvertParams(length=ns.length, beam=ns.beam, min_fraction=ns.min_fraction,

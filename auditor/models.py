@@ -65,9 +65,44 @@ class LoadedModel:
     info: dict[str, Any] = field(default_factory=dict)
 
     def provenance(self) -> dict[str, Any]:
+        """What identifies the model in the report: ``sha256`` is never empty.
+
+        With a weights (or TorchScript) file it is that file's sha256; for a named
+        architecture or a callable without a weights file it is
+        :func:`state_dict_sha256` of the module as loaded (``sha256_of`` says which).
+        """
+        if self.file_sha256:
+            digest, of = self.file_sha256, "weights file" if self.weights else "TorchScript file"
+        else:
+            digest, of = state_dict_sha256(self.module), "state_dict tensors"
         return {"spec": self.spec, "kind": self.kind, "weights": self.weights,
                 "weights_sha256": self.file_sha256, "n_parameters": self.n_parameters,
+                "sha256": digest, "sha256_of": of, "parameters": self.n_parameters,
                 "class": type(self.module).__name__, **self.info}
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """sha256 of a module's state_dict in a canonical order, independent of how it was built.
+
+    Keys sorted by name; for each tensor the UTF-8 line ``name\0dtype\0shape\n`` and
+    then its bytes (contiguous, little-endian, on the CPU; bfloat16 as its raw 16-bit
+    words). Two modules with equal tensors under equal names give the same digest.
+    """
+    h = hashlib.sha256()
+    state = module.state_dict()
+    for name in sorted(state):
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        arr = t.numpy()
+        if arr.dtype.byteorder == ">":
+            arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
+        h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def torchvision_names() -> list[str]:

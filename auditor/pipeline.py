@@ -4,7 +4,8 @@ config ─► model + layer ─► activations ─► INVERT ─► flags ─►
                 probe set (images, concept labels) ─┘
 
 Writing is separate (:func:`write_outputs`): every output is rendered into a
-staging folder next to ``--out`` and moved into place only when all succeeded.
+fresh folder inside ``--out`` and switched into place at once when all succeeded
+(:mod:`auditor.outdir`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .config import AuditConfig
-from .errors import AuditorWarning, ConfigError, DataError
+from .errors import AuditorWarning, ConfigError, DataError, ReportError, did_you_mean
 from .flags import PartEvidence, Thresholds, flag_neuron
 from .results import (SCHEMA_VERSION, AuditResult, Concept, Distribution, Explanation, LayerResult,
                       NeuronResult, TopImage)
@@ -196,6 +196,13 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
     if not cfg.layer:
         raise ConfigError("no layer given: pass --layer NAME (list the names with `auditor layers MODEL`)")
     _check_paths(cfg)
+    if cfg.impact and cfg.artifacts:  # the impact stage's own inputs, checked before any work
+        from .impact import check_pairs_folder, read_class_names
+
+        if cfg.class_names:
+            read_class_names(cfg.class_names)
+        if cfg.save_pairs and cfg.images:
+            check_pairs_folder(Path(cfg.save_pairs), Path(cfg.images))
     warnings: list[str] = []
 
     t = time.perf_counter()
@@ -256,6 +263,10 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
     Yu = Y[:, usable]
     Y_art = used.dense_columns(list(cfg.artifacts)) if cfg.artifacts else np.zeros((N, 0), dtype=bool)
     thresholds = thresholds_of(cfg)
+    for msg in small_probe_warnings(N, {a: int(Y_art[:, i].sum()) for i, a in enumerate(cfg.artifacts)},
+                                    thresholds, cfg.max_fraction):
+        log(f"warning: {msg}")
+        warnings.append(msg)
 
     results: list[LayerResult] = []
     timings["explain_s"] = timings["evidence_s"] = 0.0
@@ -275,7 +286,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
         effects = paired_effects_by_artifact(A, used.pairs, list(cfg.artifacts), used.clean_rows)
         if effects:
             neurons = [_replace(n, paired=neuron_paired(effects, n.index)) for n in neurons]
-        neurons = _add_evidence(neurons, A, Yu, names, layer_acts, probe, row_of, cfg, geometry)
+        neurons = _add_evidence(neurons, A, Yu, names, layer_acts, probe, row_of, cfg, geometry, Y_art=Y_art)
         timings["evidence_s"] += time.perf_counter() - t
         dead = sum(1 for n in neurons if n.status == "dead")
         if dead:
@@ -290,6 +301,13 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
         dora, results = _run_dora(cfg, loaded.module, results, collected, probe, row_of, geometry, pre,
                                   model_hash, log, progress)
         timings["dora_s"] = time.perf_counter() - t
+    impacts = []
+    if cfg.impact and cfg.artifacts:
+        t = time.perf_counter()
+        paired: dict[str, dict] = {}
+        impacts = _impact(cfg, loaded, results, probe, keep_rows, pre, geometry, log, warnings, paired, model_hash)
+        results = _with_impact_pairs(results, paired)
+        timings["impact_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
 
     provenance: dict[str, Any] = {
@@ -301,8 +319,11 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
         "preprocessing": pre.plain() | {"notes": pre_notes, **pre_found},
         # The collection already fingerprinted every image: reuse it instead of a second stat per image.
         "data": probe.provenance(collected.cache.get("images_fingerprint")) | {
+                                      # the folders as the user gave them (with synth, "images" is the cache copy)
+                                      "source": cfg.images, "labels_source": cfg.labels,
                                       "n_used": int(N), "n_unreadable": len(collected.bad),
                                       **({"synth": synth_info} if synth_info else {})},
+        "search": search_size(len(names), cfg, [len(r.neurons) for r in results]),
         "device": collected.device,
         "precision": collected.precision,
         "batch_size_used": collected.batch_size,
@@ -319,7 +340,8 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
                        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                        title=title, config=cfg.plain(), provenance=provenance, thresholds=thresholds.plain(),
                        concepts=concepts, artifacts=list(cfg.artifacts), layers=results, warnings=warnings,
-                       dora=dora)
+                       dora=dora, impact=impacts,
+                       signoff=cfg.signoff.model_dump(mode="json") if cfg.signoff is not None else None)
 
 
 def dora_params(cfg: AuditConfig, size: int):
@@ -422,8 +444,77 @@ def _run_dora(cfg: AuditConfig, model, results: list[LayerResult], collected, pr
     return dora, out
 
 
-def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry):
-    """Histograms, bootstrap CIs and top images for flagged, sensitive and the strongest neurons."""
+def _with_impact_pairs(layers: list[LayerResult], paired: dict[str, dict]) -> list[LayerResult]:
+    """Every neuron's paired change on the impact test's pairs, where --synth did not measure one."""
+    from .paired import neuron_paired
+
+    out = []
+    for lyr in layers:
+        eff = paired.get(lyr.name)
+        if eff:
+            lyr = _replace(lyr, neurons=[_replace(n, paired={**neuron_paired(eff, n.index), **n.paired})
+                                         for n in lyr.neurons])
+        out.append(lyr)
+    return out
+
+
+def _impact(cfg: AuditConfig, loaded, layers: list[LayerResult], probe, keep_rows, pre, geometry, log, warnings,
+            paired=None, model_hash: str = ""):
+    """The impact stage (auditor.impact): paste each artifact on clean probe images, compare the outputs."""
+    from .impact import run_impact
+
+    if cfg.synth:  # the user's own images, before synthesis: what `auditor synth --count` reads
+        from .data import load_probe_set
+
+        clean_probe = load_probe_set(cfg.images, cfg.labels, labels_format=cfg.labels_format,
+                                     allow_no_concepts=True)
+    else:
+        clean_probe = probe.subset(keep_rows) if not keep_rows.all() else probe
+    from .artifacts import ARTIFACTS
+
+    if hasattr(clean_probe, "load") and any(a in ARTIFACTS for a in cfg.artifacts):
+        # images held in memory (auditor.audit with a Dataset): no file to paste on
+        warnings.append("impact test skipped: it pastes artifacts on image files, and these probe images are "
+                        "held in memory (pass an image folder to measure the impact)")
+        return []
+    from .collect import architecture_hash
+
+    cache_id = {"model": model_hash, "architecture": architecture_hash(loaded.module), "preprocessing": pre.plain(),
+                "normalize": cfg.normalize}
+    seed = cfg.impact_seed if cfg.impact_seed is not None else (cfg.synth.seed if cfg.synth else cfg.seed)
+    params = cfg.impact_params if cfg.impact_params is not None else (dict(cfg.synth.params) if cfg.synth else {})
+    return run_impact(loaded.module, layers, probe=clean_probe, artifacts=list(cfg.artifacts),
+                      count=cfg.impact_count, seed=seed, params=params, geometry=geometry,
+                      mean=pre.mean if cfg.normalize else None, std=pre.std if cfg.normalize else None,
+                      device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,
+                      reduction=cfg.reduction, output=cfg.output, class_names=cfg.class_names,
+                      model_spec=loaded.spec, model_kind=loaded.kind, ablation=cfg.ablation,
+                      draws=cfg.ablation_draws, save_pairs=cfg.save_pairs, log=log, warnings=warnings,
+                      paired=paired, cache_dir=None if cfg.no_cache else cfg.cache_path, cache_id=cache_id)
+
+
+def search_size(n_concepts: int, cfg: AuditConfig, layer_sizes: list[int]) -> dict[str, Any]:
+    """How much INVERT searched, for the method section (docs/invert.md, "Search").
+
+    Per neuron: the 2C atoms at length 1, then at each further length every beam
+    formula combined with every pool atom by AND and by OR. Trivial and inadmissible
+    combinations are dropped, so this is an upper bound on the formulas scored.
+    """
+    atoms = 2 * n_concepts
+    pool = min(cfg.limit_search, atoms) if cfg.limit_search else atoms
+    per_neuron = atoms + max(cfg.length - 1, 0) * cfg.beam * pool * 2
+    return {"concepts": n_concepts, "atoms": atoms, "pool": pool, "length": cfg.length, "beam": cfg.beam,
+            "formulas_per_neuron": per_neuron, "neurons": int(sum(layer_sizes)),
+            "formulas_total": per_neuron * int(sum(layer_sizes)),
+            "in_sample": cfg.heldout is None, "heldout": cfg.heldout}
+
+
+def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry,
+                  Y_art=None):
+    """Histograms, bootstrap CIs and top images for flagged, sensitive and the strongest neurons.
+
+    Flagged neurons also get a bootstrap interval of each flagged artifact's AUROC
+    (every neuron already has the analytic DeLong one)."""
     from . import invert
     from .evidence import bootstrap_auroc_ci, data_uri, histogram, overlay, thumbnail, top_image_views
 
@@ -444,10 +535,57 @@ def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, 
             if n.flags and cfg.bootstrap:
                 ci = bootstrap_auroc_ci(a, y, n_resamples=cfg.bootstrap, seed=cfg.seed)
                 exps[0] = _replace(exps[0], auroc_ci=ci)
+        boot = {}
+        if n.flags and cfg.bootstrap and Y_art is not None:
+            for f in n.flags:
+                if f.artifact in cfg.artifacts:
+                    ci = bootstrap_auroc_ci(a, Y_art[:, list(cfg.artifacts).index(f.artifact)],
+                                            n_resamples=cfg.bootstrap, seed=cfg.seed)
+                    if ci is not None:
+                        boot[f.artifact] = (float(ci[0]), float(ci[1]))
         tops = _top_images(n.index, layer_acts, probe, row_of, cfg.artifacts, geometry,
                            top_image_views, thumbnail, overlay, data_uri)
-        neurons[i] = _replace(n, explanations=exps, distribution=dist, top_images=tops)
+        neurons[i] = _replace(n, explanations=exps, distribution=dist, top_images=tops,
+                              artifact_auroc_ci_bootstrap=boot)
     return neurons
+
+
+def best_possible_p(n_pos: int, n: int) -> float:
+    """The smallest two-sided Mann-Whitney p-value any neuron can reach for a split of ``n``
+    images into ``n_pos`` and ``n - n_pos``: the one of a perfect separation."""
+    from . import invert
+
+    if not 0 < n_pos < n:
+        return 1.0
+    y = np.zeros(n, dtype=bool)
+    y[n - n_pos:] = True  # the n_pos highest activations, no ties
+    return invert.mannwhitney(np.arange(n, dtype=np.float64), y, "two-sided")[0]
+
+
+def small_probe_warnings(n: int, artifact_counts: dict[str, int], thresholds: Thresholds,
+                         max_fraction: float = 0.5) -> list[str]:
+    """Say so when the probe set is too small for any finding to be evidence.
+
+    A neuron is flagged only at p <= ``flag_max_p``; with few images even a perfect
+    separation cannot get there (2 images: p = 1). Findings then come from chance
+    alone, so the run says so instead of reporting them silently.
+    """
+    out: list[str] = []
+    alpha = thresholds.flag_max_p
+    best_any = best_possible_p(max(1, min(n // 2, int(max_fraction * n) or 1)), n)
+    if best_any > alpha or n < thresholds.flag_min_support:
+        out.append(f"probe set too small for any finding: with {n} usable image(s) the smallest p-value any "
+                   f"formula can reach is {best_any:.3g} (flag_max_p {alpha:g}) and a flag needs "
+                   f"{thresholds.flag_min_support} images in support; no flag can be raised, and any "
+                   "artifact-sensitive mark is chance — use a larger probe set (hundreds of images)")
+        return out
+    for art, k in artifact_counts.items():
+        p = best_possible_p(k, n)
+        if p > alpha:
+            out.append(f"artifact {art!r} is on {k} of {n} image(s): even a neuron that separates them perfectly "
+                       f"gets p = {p:.3g} > flag_max_p {alpha:g}, so no neuron can be flagged for it — label "
+                       "more images with and without it")
+    return out
 
 
 def thresholds_of(cfg: AuditConfig) -> Thresholds:
@@ -496,8 +634,12 @@ def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], Y_a
     """INVERT output + artifact AUROCs + flagging rules -> one NeuronResult per neuron."""
     from . import invert
 
+    from .delong import delong_ci
+
     Y_art = np.asarray(Y_art, dtype=bool)
     art_auroc = invert.auroc(A, Y_art) if artifacts else np.zeros((A.shape[1], 0))
+    # Analytic (DeLong) 95% interval of each artifact's AUROC, for every neuron at once.
+    art_ci = {art: delong_ci(A, Y_art[:, i])[1:] for i, art in enumerate(artifacts)}
     neurons: list[NeuronResult] = []
     for ne in explained:
         k = ne.index
@@ -505,6 +647,8 @@ def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], Y_a
         exps = [_explanation(f) for f in ne.formulas]
         beams = [[_explanation(f) for f in beam] for beam in ne.beams] if ne.beams else None
         aa = {art: float(art_auroc[k, i]) for i, art in enumerate(artifacts)}
+        aa_ci = {art: (float(lo[k]), float(hi[k])) for art, (lo, hi) in art_ci.items()
+                 if np.isfinite(lo[k]) and np.isfinite(hi[k])}
         best = exps[0] if exps else None
 
         def part(art: str, best=best, a=a) -> PartEvidence:
@@ -524,7 +668,8 @@ def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], Y_a
         stats = {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max()),
                  "frac_zero": float((a == 0).mean())}
         neurons.append(NeuronResult(index=k, status=ne.status, explanations=exps, artifact_auroc=aa,
-                                    flags=flags, sensitive=sensitive, stats=stats, beams=beams))
+                                    flags=flags, sensitive=sensitive, stats=stats, beams=beams,
+                                    artifact_auroc_ci=aa_ci))
     return neurons
 
 
@@ -572,27 +717,19 @@ def _top_images(k, layer_acts, probe, row_of, artifacts, geometry, views_fn, thu
 # -- writing ------------------------------------------------------------------------------
 
 def write_outputs(result: AuditResult, out: str | os.PathLike,
-                  formats: tuple[str, ...] = ("html", "pdf", "json", "csv", "junit")) -> dict[str, Path]:
-    """Render every format into a staging folder, then move the files into ``out``.
+                  formats: tuple[str, ...] = ("html", "pdf", "json", "csv", "junit"),
+                  log: Log = _stderr) -> dict[str, Path]:
+    """Render every format into a fresh run folder inside ``out``, then switch ``out`` to it at once.
 
-    If anything fails, ``out`` is left exactly as it was.
+    ``out`` then holds exactly this run's outputs (an earlier run's other formats are
+    gone); if anything fails, ``out`` is left exactly as it was. See :mod:`auditor.outdir`
+    for the steps and what a kill between them leaves.
     """
-    from .report import render
+    from .outdir import publish
+    from .report import FORMATS, render
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=parent))
-    try:
-        written = render(result, staging, formats=formats)
-        out.mkdir(exist_ok=True)
-        final: dict[str, Path] = {}
-        for fmt, path in written.items():
-            target = out / path.name
-            os.replace(path, target)
-            final[fmt] = target
-        return final
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ReportError(f"unknown report format {unknown[0]!r}{did_you_mean(unknown[0], FORMATS)}; "
+                          f"expected some of: {', '.join(FORMATS)}")
+    return publish(out, lambda folder: render(result, folder, formats=formats), log=log)

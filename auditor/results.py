@@ -37,6 +37,80 @@ def _clean(value: Any) -> Any:
     return value
 
 
+# -- plausibility of numbers read back (render of an edited or damaged file) --------------------
+
+_UNIT_NAMES = {  # name -> what it is; value must lie in [0, 1]
+    **dict.fromkeys(("auroc", "effect", "auroc_ci", "effect_ci", "artifact_auroc"), "an AUROC"),
+    **dict.fromkeys(("p_value", "p_adjusted", "heldout_p_value", "conditional_p", "wilcoxon_p", "flag_max_p"),
+                    "a p-value"),
+    **dict.fromkeys(("fraction", "frac_zero", "frac_rise", "flip_rate", "control_flip_rate"), "a fraction"),
+}
+_COUNT_NAMES = {"support", "inside", "outside", "index", "neuron", "output_shape", "length"}
+_MAX_COUNT = 2 ** 53
+#: No number auditor writes is larger: activations are float32, counts fit int64.
+_MAX_FLOAT = 3.4028234663852886e38
+_MAX_INT = 2 ** 63
+
+
+def _unit_kind(name: str) -> str | None:
+    if name in _UNIT_NAMES:
+        return _UNIT_NAMES[name]
+    if name.endswith("_auroc"):
+        return "an AUROC"
+    if name.endswith("_p_value"):
+        return "a p-value"
+    if name.endswith("_fraction") or name.endswith("_rate"):
+        return "a fraction"
+    return None
+
+
+def _path_text(path: list[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "(top level)"
+
+
+def check_values(data: Any, path: list[str | int] | None = None) -> None:
+    """Raise :class:`ReportError` naming the first impossible number in plain results data.
+
+    NaN and infinities (auditor writes ``null`` for an undefined value), AUROCs,
+    p-values and fractions outside [0, 1], negative or fractional counts, a positive
+    log10 p-value, and magnitudes no audit can produce (beyond float32 / int64).
+    """
+    path = path or []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            check_values(v, path + [str(k)])
+        return
+    if isinstance(data, list):
+        for i, v in enumerate(data):
+            check_values(v, path + [i])
+        return
+    if isinstance(data, bool) or not isinstance(data, (int, float)):
+        return
+    names = [p for p in path if isinstance(p, str)]
+    name = names[-1] if names else ""
+    parent = names[-2] if len(names) > 1 else ""
+
+    def bad(why: str) -> ReportError:
+        shown = repr(data) if not isinstance(data, int) or abs(data) < 10 ** 20 else f"a {len(str(abs(data)))}-digit number"
+        return ReportError(f"{_path_text(path)} = {shown} {why}; the file is damaged or was edited — "
+                           "re-run the audit (or restore the file) and render again")
+
+    if isinstance(data, float) and not math.isfinite(data):
+        raise bad("is not a finite number")
+    if abs(data) > (_MAX_INT if isinstance(data, int) else _MAX_FLOAT):
+        raise bad("is larger than any value an audit produces")
+    kind = _unit_kind(name) or (_unit_kind(parent) if parent == "artifact_auroc" else None)
+    if kind and not 0.0 <= data <= 1.0:
+        raise bad(f"is outside [0, 1] ({kind})")
+    if "log10_p" in name and data > 0:
+        raise bad("is positive (a log10 p-value is at most 0)")
+    if (name in _COUNT_NAMES or name.startswith("n_")) and not (0 <= data <= _MAX_COUNT and data == int(data)):
+        raise bad("is not a count (a whole number from 0 to 2**53)")
+
+
 class _Record:
     """Mixin: ``to_dict`` / ``from_dict`` driven by the dataclass fields."""
 
@@ -160,6 +234,27 @@ class Distribution(_Record):
 
 
 @dataclass(frozen=True)
+class ArtifactTest(_Record):
+    """One artifact's test on one neuron (the flag rule's verdict and its numbers).
+
+    ``status``: "flagged" | "near_miss" | "inconclusive" | "clean"; ``reason`` is one
+    plain sentence (why flagged, or the failed condition and its number).
+    """
+
+    artifact: str
+    status: str
+    branch: str | None = None  # "formula" | "strong" | None
+    direction: str | None = None  # "raises" | "lowers" | None
+    effect: float | None = None  # stratified AUROC of the artifact (0.5 = none)
+    effect_ci: tuple[float, float] | None = None  # analytic (DeLong) interval
+    p_value: float | None = None
+    p_adjusted: float | None = None
+    n_artifact: int | None = None  # probe images carrying the artifact
+    reason: str = ""
+    effect_ci_bootstrap: tuple[float, float] | None = None  # flagged neurons only
+
+
+@dataclass(frozen=True)
 class NeuronResult(_Record):
     index: int  # 0-based channel
     status: str  # "ok" | "dead"
@@ -174,6 +269,11 @@ class NeuronResult(_Record):
     # Paired with/without-artifact effect (synthesised artifacts): per artifact
     # {"n_pairs", "mean_diff_sd", "frac_rise", "wilcoxon_p"}.
     paired: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per artifact: analytic (DeLong) 95% interval of ``artifact_auroc``, for every neuron.
+    artifact_auroc_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Per flagged artifact: percentile bootstrap 95% interval of ``artifact_auroc``.
+    artifact_auroc_ci_bootstrap: dict[str, tuple[float, float]] = field(default_factory=dict)
+    artifact_tests: list[ArtifactTest] = field(default_factory=list)  # one per artifact (flag rule 2.x)
 
     @property
     def best(self) -> Explanation | None:
@@ -250,6 +350,43 @@ class DoraResult(_Record):
 
 
 @dataclass(frozen=True)
+class ArtifactImpact(_Record):
+    """What pasting one artifact on clean probe images does to the model's outputs (auditor.impact).
+
+    Class outputs fill the flip rates, flows and score changes; embedding outputs
+    ``output_change`` (cosine distance per head). All shares are fractions in [0, 1].
+    """
+
+    artifact: str
+    flip_rate: float | None  # share of pasted images whose top-1 class changed (None: not class outputs)
+    control_flip_rate: float | None  # the same for the occlusion control patch
+    summary: str  # one sentence for page 1
+    ablation: dict[str, Any] | None = None  # flagged-neuron ablation: share_carried, random draws, accuracy cost
+    generator: dict[str, Any] = field(default_factory=dict)  # name, params, seed, count, synth_command
+    n_images: int = 0  # M: images the artifact was pasted on
+    output_kind: str = "classes"  # "classes" | "embedding"
+    class_head: str | None = None
+    n_flips: int | None = None
+    n_control_flips: int | None = None
+    flip_ci: list[float] | None = None  # Wilson 95% interval
+    control_ci: list[float] | None = None
+    flows: list[dict[str, Any]] = field(default_factory=list)  # {"from", "to", "n", "share"}
+    control_flows: list[dict[str, Any]] = field(default_factory=list)
+    towards: list[dict[str, Any]] = field(default_factory=list)  # per class: share of other images that become it
+    score_kind: str | None = None
+    score_change: list[dict[str, Any]] = field(default_factory=list)  # per class: mean, ci, p_wilcoxon
+    output_change: dict[str, Any] | None = None  # per head: mean_cosine_distance, ci, median
+    control_output_change: dict[str, Any] | None = None
+    class_names_source: str | None = None
+    n_classes: int | None = None
+    clean_accuracy: float | None = None  # on the test images whose labels name a class
+    pasted_accuracy: float | None = None
+    n_labelled: int = 0
+    examples: list[dict[str, Any]] = field(default_factory=list)  # flagged neurons: clean/pasted pairs
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class AuditResult(_Record):
     schema_version: str
     tool: dict[str, str]  # name, version
@@ -262,7 +399,11 @@ class AuditResult(_Record):
     artifacts: list[str]
     layers: list[LayerResult]
     warnings: list[str] = field(default_factory=list)
-    dora: DoraResult | None = None  # DORA outlier analysis, when the audit ran it
+    rule_version: str | None = None  # version of the flag rule that produced the flags
+    calibration: dict[str, Any] | None = None  # the flag rule's calibration, when run
+    impact: list[ArtifactImpact] = field(default_factory=list)  # per artifact, when measured
+    dora: DoraResult | None = None  # DORA outlier analysis, when run (auditor.dora)
+    signoff: dict[str, Any] | None = None  # prepared_by, reviewed_by, decision, date (config `signoff:`)
 
     # -- convenience -------------------------------------------------------
     def flagged_neurons(self, layer: LayerResult | None = None) -> list[NeuronResult]:
@@ -296,7 +437,7 @@ class AuditResult(_Record):
 
         ``save("results.json")`` (a ``.json`` path, no ``formats``) writes the JSON
         file alone. Any other path is an output folder: the report files are written
-        exactly as ``auditor run`` writes them (staged, then moved into place), by
+        exactly as ``auditor run`` writes them (into a fresh run folder, switched in at once), by
         default ``html, pdf, json, csv, junit``. Returns ``{format: path}``.
         """
         path = Path(path)
@@ -342,8 +483,8 @@ class AuditResult(_Record):
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ReportError(f"results file not found: {path}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ReportError(f"cannot read results file {path}: {exc}") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            raise ReportError(f"cannot read results file {path}: {' '.join(str(exc).split())[:300]}") from None
         if not isinstance(data, dict) or "schema_version" not in data:
             raise ReportError(f"{path} is not an auditor results file (no 'schema_version')")
         major = str(data["schema_version"]).split(".")[0]
@@ -352,6 +493,10 @@ class AuditResult(_Record):
                 f"{path} has schema_version {data['schema_version']!r}; this auditor reads "
                 f"{SCHEMA_VERSION.split('.')[0]}.x — re-run the audit or use a matching auditor version"
             )
+        try:
+            check_values(data)
+        except ReportError as exc:
+            raise ReportError(f"{path}: {exc}") from None
         try:
             return cls.from_dict(data)
         except ReportError as exc:

@@ -190,15 +190,42 @@ def image_rng(seed: int, artifact: str, rel: str) -> np.random.Generator:
     return np.random.default_rng(np.frombuffer(_digest(SYNTH_FORMAT, seed, artifact, rel, "draw"), dtype=np.uint32))
 
 
-def select_rows(paths: Sequence[str], eligible: np.ndarray, artifact: str, fraction: float, seed: int) -> np.ndarray:
-    """round(fraction × eligible) rows (at least one), chosen by a hash of (seed, artifact, path)."""
+def select_rows(paths: Sequence[str], eligible: np.ndarray, artifact: str, fraction: float | None, seed: int,
+                *, count: int | None = None) -> np.ndarray:
+    """round(fraction × eligible) rows (at least one), or ``count`` rows (at most all eligible ones),
+    chosen by a hash of (seed, artifact, path): the first ones in hash order, so a smaller count
+    picks a subset of a larger one."""
     rows = np.flatnonzero(eligible)
     if not len(rows):
         return rows
-    n = max(1, int(round(fraction * len(rows))))
+    n = min(len(rows), int(count)) if count is not None else max(1, int(round(fraction * len(rows))))
     keys = [_digest(SYNTH_FORMAT, seed, artifact, paths[i], "pick") for i in rows]
     order = sorted(range(len(rows)), key=keys.__getitem__)
     return np.sort(rows[order[:n]])
+
+
+def clean_mask(probe) -> np.ndarray:
+    """Rows of ``probe`` that carry no artifact concept: no positive label in any column named after a
+    registered artifact generator (watermark, text, border, timestamp, plugins), and not a
+    synthesised copy. The images ``--count`` (and the impact test) paste artifacts on."""
+    from .artifacts import available_artifacts
+
+    mask = np.ones(len(probe), dtype=bool)
+    if probe.source_rows is not None:
+        mask &= probe.source_rows == -1
+    arts = [a for a in available_artifacts() if a in probe.concepts]
+    if arts:
+        mask &= ~probe.dense_columns(arts).any(axis=1)
+    return mask
+
+
+def pick_clean(probe, artifact: str, count: int, seed: int) -> np.ndarray:
+    """The ``count`` clean rows (at most all of them) that get ``artifact`` for ``seed``.
+
+    One code path for ``auditor synth --count M --seed S`` and the impact test of
+    ``auditor run``, so both paste the artifact on the same images with the same draws.
+    """
+    return select_rows(probe.paths, clean_mask(probe), artifact, None, int(seed), count=int(count))
 
 
 # -- images -------------------------------------------------------------------------------
@@ -300,7 +327,7 @@ def synthesise(images: str | os.PathLike, labels: str | os.PathLike | None = Non
                seed: int = 0, params: Mapping[str, Mapping[str, Any]] | None = None, labels_format: str = "auto",
                plugins: Sequence[str] = (), overwrite: bool = False, link_clean: bool = False,
                jpeg_quality: int = JPEG_QUALITY, log: Log = lambda m: None, progress: bool = False,
-               _probe=None) -> SynthResult:
+               count: int | None = None, _probe=None) -> SynthResult:
     """Write a synthesised probe set into ``out`` (see the module docstring); return where it is.
 
     ``labels`` may be any format :func:`auditor.data.load_probe_set` reads, or
@@ -308,6 +335,11 @@ def synthesise(images: str | os.PathLike, labels: str | os.PathLike | None = Non
     ``fraction`` (a number or ``{artifact: number}``) of the images without an
     artifact get one copy carrying it. ``params`` are per-artifact generator
     parameters. Written atomically: a failure leaves ``out`` as it was.
+
+    ``count`` replaces ``fraction``: exactly ``count`` images (or all, if fewer)
+    among those that carry no artifact concept at all (:func:`clean_mask`) get a
+    copy — the very images and draws the impact test of ``auditor run`` uses with
+    the same seed and parameters (:func:`pick_clean`).
     """
     from .data import load_probe_set
 
@@ -332,7 +364,15 @@ def synthesise(images: str | os.PathLike, labels: str | os.PathLike | None = Non
 
     # What to make: per artifact, the rows that get a copy.
     chosen: dict[str, np.ndarray] = {}
+    if count is not None and (not isinstance(count, (int, np.integer)) or isinstance(count, bool) or count < 1):
+        raise ConfigError(f"count: expected a positive integer, got {count!r}")
     for a in artifacts:
+        if count is not None:
+            chosen[a] = pick_clean(probe, a, int(count), int(seed))
+            if not len(chosen[a]):
+                raise DataError(f"no image is free of artifact concepts; --count needs clean images to paste "
+                                f"{a!r} on")
+            continue
         eligible = np.ones(len(probe), dtype=bool)
         if a in probe.concepts:
             eligible &= ~probe.column_values(a)
@@ -351,7 +391,8 @@ def synthesise(images: str | os.PathLike, labels: str | os.PathLike | None = Non
                       "labels_format": probe.labels_format, "n_images": len(probe),
                       "labels_sha256": probe.labels_sha256},
             "artifacts": artifacts,
-            "fraction": fractions,
+            "fraction": fractions if count is None else None,
+            "count": None if count is None else int(count),
             "seed": int(seed),
             "params": params,
             "jpeg_quality": int(jpeg_quality),

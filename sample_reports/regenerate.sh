@@ -17,4 +17,8 @@ with sync_playwright() as p:
     page.screenshot(path="sample_reports/report-page1.png")
     browser.close()
 PY
+# Page 1 of the archival PDF as the reviewer prints it (pdftoppm: poppler-utils).
+if command -v pdftoppm >/dev/null; then
+  pdftoppm -r 60 -f 1 -l 1 -png -singlefile sample_reports/report.pdf sample_reports/report-pdf-page1
+fi
 echo "wrote sample_reports/"

@@ -17,7 +17,9 @@
 
   function sortTable(table, col, type, th) {
     var body = table.tBodies[0];
-    var ascending = th.getAttribute("aria-sort") !== "ascending";
+    // First click: numbers largest first, text A to Z; each further click reverses.
+    var current = th.getAttribute("aria-sort");
+    var ascending = current ? current !== "ascending" : type !== "num";
     var rows = Array.prototype.slice.call(body.rows);
     var keyed = rows.map(function (row, i) { return { row: row, key: cellKey(row, col, type), i: i }; });
     keyed.sort(function (a, b) {
@@ -50,27 +52,74 @@
     });
   }
 
+  // A row matches a term when the term occurs in its neuron number, verdict or the
+  // concepts its formula uses un-negated; "not NAME" matches negated use only.
+  function rowMatches(row, terms) {
+    var plain = (row.getAttribute("data-neuron") || "") + " " + (row.getAttribute("data-statuses") || "")
+      .replace(/_/g, " ") + " " + (row.getAttribute("data-pos") || "").replace(/\|/g, " ");
+    var negated = (row.getAttribute("data-neg") || "").replace(/\|/g, " ");
+    for (var i = 0; i < terms.length; i++) {
+      var t = terms[i];
+      if ((t === "not" || t === "-") && i + 1 < terms.length) {
+        i += 1;
+        if (negated.indexOf(terms[i]) === -1) { return false; }
+        continue;
+      }
+      if (t.charAt(0) === "-" && t.length > 1) {
+        if (negated.indexOf(t.slice(1)) === -1) { return false; }
+        continue;
+      }
+      if (plain.indexOf(t) === -1) { return false; }
+    }
+    return true;
+  }
+
   function makeFilter(tools, table) {
     var input = tools.querySelector("input");
     var count = tools.querySelector(".count");
+    var buttons = Array.prototype.slice.call(tools.querySelectorAll(".status-filters button"));
     var rows = Array.prototype.slice.call(table.tBodies[0].rows);
-    var texts = rows.map(function (r) { return (r.textContent || "").replace(/\s+/g, " ").toLowerCase(); });
+    var status = "";
     function apply() {
       var terms = input.value.toLowerCase().split(/\s+/).filter(Boolean);
       var shown = 0;
-      rows.forEach(function (row, i) {
-        var ok = terms.every(function (t) { return texts[i].indexOf(t) !== -1; });
+      rows.forEach(function (row) {
+        var statuses = " " + (row.getAttribute("data-statuses") || "") + " ";
+        var ok = (!status || statuses.indexOf(" " + status + " ") !== -1) && rowMatches(row, terms);
         row.hidden = !ok;
         if (ok) { shown += 1; }
       });
       count.textContent = shown + " of " + rows.length + " neurons";
     }
+    buttons.forEach(function (b) {
+      b.addEventListener("click", function () {
+        status = b.getAttribute("data-status") || "";
+        buttons.forEach(function (o) { o.setAttribute("aria-pressed", o === b ? "true" : "false"); });
+        apply();
+      });
+    });
     input.addEventListener("input", apply);
     apply();
     tools.hidden = false;
   }
 
+  // Printing from the browser: every card open on paper, as collapsed as before on screen.
+  function printOpensCards() {
+    var opened = [];
+    window.addEventListener("beforeprint", function () {
+      Array.prototype.forEach.call(document.querySelectorAll("details:not([open])"), function (d) {
+        d.open = true;
+        opened.push(d);
+      });
+    });
+    window.addEventListener("afterprint", function () {
+      opened.forEach(function (d) { d.open = false; });
+      opened = [];
+    });
+  }
+
   function init() {
+    printOpensCards();
     Array.prototype.forEach.call(document.querySelectorAll("table.neurons"), function (table) {
       if (!table.tHead || !table.tBodies.length) { return; }
       makeSortable(table);

@@ -20,6 +20,8 @@ from PIL import Image, ImageDraw
 
 from auditor.results import (
     SCHEMA_VERSION,
+    ArtifactImpact,
+    ArtifactTest,
     AuditResult,
     Concept,
     Distribution,
@@ -125,7 +127,7 @@ def _explanation(rng, ast, auroc, *, heldout=True, ci=False) -> Explanation:
         p_value=p,
         log10_p=log10_p,
         heldout_auroc=round(auroc - rng.uniform(0.0, 0.03), 4) if heldout else None,
-        heldout_p_value=p * 10 if heldout and p > 0 else None,
+        heldout_p_value=min(1.0, p * 10) if heldout and p > 0 else None,
         auroc_ci=(round(auroc - 0.02, 4), round(min(1.0, auroc + 0.015), 4)) if ci else None,
     )
 
@@ -312,9 +314,50 @@ def _layer(rng, name, n_neurons, flagged: dict[int, str], sensitive: dict[int, l
                        neurons=_with_bh(neurons, underflow_at))
 
 
+NEAR_MISS = {8: "watermark", 14: "watermark"}  # neurons of the main layer with a near miss
+INCONCLUSIVE = {9: "text_overlay"}
+
+
+def _tests_for(rng, n: NeuronResult, near: dict[int, str], inconclusive: dict[int, str]) -> NeuronResult:
+    """Fill ``artifact_tests`` the way the 2.x flag rule writes them (one per checked artifact)."""
+    import dataclasses as dc
+
+    if n.status == "dead" or not n.explanations:
+        return n
+    flagged = {f.artifact for f in n.flags}
+    tests = []
+    for art in ("watermark", "text_overlay"):
+        eff = n.artifact_auroc.get(art, 0.5)
+        half = round(rng.uniform(0.015, 0.04), 4)
+        ci = (round(max(0.0, eff - half), 4), round(min(1.0, eff + half), 4))
+        if art in flagged:
+            status, reason = "flagged", f"{art} raises the activation (effect {eff:.3f}, CI above 0.6)"
+        elif near.get(n.index) == art:
+            status = "near_miss"
+            ci = (round(eff - 0.09, 4), round(min(1.0, eff + 0.05), 4))
+            reason = f"effect {eff:.3f} passes, but its 95% interval reaches {ci[0]:.3f}, below the 0.75 required"
+        elif inconclusive.get(n.index) == art:
+            status, reason = "inconclusive", f"only 6 probe images carry {art}; at least 10 are needed to decide"
+            ci = (round(max(0.0, eff - 0.25), 4), round(min(1.0, eff + 0.25), 4))
+        else:
+            status, reason = "clean", f"effect {eff:.3f} is below 0.6"
+        tests.append(ArtifactTest(artifact=art, status=status, branch="formula" if status == "flagged" else None,
+                                  direction="raises" if status != "clean" else None, effect=eff, effect_ci=ci,
+                                  p_value=10 ** -rng.uniform(1, 9), p_adjusted=10 ** -rng.uniform(0.5, 6),
+                                  n_artifact=400 if art == "watermark" else 250, reason=reason,
+                                  effect_ci_bootstrap=(round(ci[0] - 0.004, 4), round(ci[1] + 0.003, 4))
+                                  if status == "flagged" else None))
+    return dc.replace(n, artifact_tests=tests)
+
+
 def make_result(n_neurons: int = 40, n_flagged: int | None = None, *, seed: int = 0, second_layer: bool = True,
-                embed: bool = True) -> AuditResult:
-    """The synthetic audit. ``n_flagged`` spreads that many watermark/text flags over the layer."""
+                embed: bool = True, v2: bool = True) -> AuditResult:
+    """The synthetic audit. ``n_flagged`` spreads that many watermark/text flags over the layer.
+
+    ``v2`` adds what results 2.x carry (artifact tests with near misses and an
+    inconclusive neuron, impact, sign-off, the model's sha256 and parameter count);
+    ``v2=False`` is a 1.x result (flags and artifact-sensitive neurons only).
+    """
     rng = random.Random(seed)
     if n_flagged is None:
         flagged = {3: "watermark", 12: "watermark", 27: "watermark", 21: "text_overlay"}
@@ -334,13 +377,60 @@ def make_result(n_neurons: int = 40, n_flagged: int | None = None, *, seed: int 
     if second_layer:
         layers.append(_layer(rng, SECOND_LAYER, 8, {}, {2: ["watermark"]}, {6}))
 
+    if v2:
+        import dataclasses as dc
+
+        trng = random.Random(seed + 1)
+        near = NEAR_MISS if n_flagged is None else {i: "watermark" for i in range(n_neurons) if i % 41 == 9}
+        inc = INCONCLUSIVE if n_flagged is None else {i: "text_overlay" for i in range(n_neurons) if i % 43 == 10}
+        layers = [dc.replace(layers[0], neurons=[_tests_for(trng, n, near, inc) for n in layers[0].neurons]),
+                  *[dc.replace(lyr, neurons=[_tests_for(trng, n, {}, {}) for n in lyr.neurons])
+                    for lyr in layers[1:]]]
+
     concepts = [
         Concept(name=n, n_positive=int(round(f * N_IMAGES)), fraction=round(f * N_IMAGES) / N_IMAGES,
                 is_artifact=art, status=st, reason=why, display_name=disp,
                 description="synthetic artifact overlay" if art else None)
         for n, f, art, st, why, disp in _CONCEPTS
     ]
+    extra = {}
+    if v2:
+        extra = {
+            "rule_version": "2.0",
+            "impact": [
+                # shaped as auditor.impact writes them (docs/results-schema.md, ArtifactImpact)
+                ArtifactImpact(artifact="watermark", flip_rate=0.084, control_flip_rate=0.006, n_images=400,
+                               n_flips=34, n_control_flips=2, flip_ci=[0.061, 0.114], control_ci=[0.001, 0.018],
+                               summary="Pasting the watermark changes 8.4% of predictions (control paste 0.6%).",
+                               generator={"name": "watermark", "params": {"opacity": 0.5}, "seed": 0, "count": 400,
+                                          "synth_command": "auditor synth --images probe --artifacts watermark "
+                                                           "--count 400 --seed 0 --out pairs"},
+                               flows=[{"from": "cat", "to": "dog", "n": 20, "share": 0.1}],
+                               towards=[{"class": "dog", "n_other": 300, "n_to": 20, "share_to": 0.067}],
+                               class_names_source="indices", n_classes=2,
+                               ablation={"mode": "mean", "layers": ["layer4"], "neurons": ["layer4#3", "layer4#7"],
+                                         "flip_rate": 0.032, "share_carried": 0.62, "clean_accuracy": 0.9,
+                                         "ablated_accuracy": 0.88, "accuracy_cost": 0.02,
+                                         "random": {"draws": 10, "share_mean": 0.05, "share_sd": 0.03,
+                                                    "share_min": 0.0, "share_max": 0.1,
+                                                    "accuracy_cost_mean": 0.01}}),
+                ArtifactImpact(artifact="text_overlay", flip_rate=0.011, control_flip_rate=0.008, n_images=250,
+                               n_flips=3, n_control_flips=2, flip_ci=[0.004, 0.032], control_ci=[0.002, 0.029],
+                               summary="Pasting text changes 1.1% of predictions (control paste 0.8%).",
+                               generator={"name": "text_overlay", "params": {}, "seed": 0, "count": 250,
+                                          "synth_command": "auditor synth --images probe --artifacts text_overlay "
+                                                           "--count 250 --seed 0 --out pairs"},
+                               class_names_source="indices", n_classes=2, ablation=None),
+            ],
+            "signoff": {"prepared_by": "A. Auditor", "reviewed_by": None, "decision": None, "date": None},
+        }
+    model_prov = {"name": "resnet18", "source": "torchvision", "weights_sha256": "ab12" * 16}
+    if v2:
+        model_prov |= {"spec": "resnet18", "kind": "torchvision", "weights": "weights/resnet18-watermark.pt",
+                       "sha256": "ab12" * 16, "sha256_of": "weights file", "parameters": 11_689_512,
+                       "class": "ResNet"}
     return AuditResult(
+        **extra,
         schema_version=SCHEMA_VERSION,
         tool={"name": "auditor", "version": "0.1.0"},
         created="2024-05-01T12:00:00Z",
@@ -353,8 +443,14 @@ def make_result(n_neurons: int = 40, n_flagged: int | None = None, *, seed: int 
             "seed": 0,
         },
         provenance={
-            "model": {"name": "resnet18", "source": "torchvision", "weights_sha256": "ab12" * 16},
-            "data": {"probe_set": "synthetic-probe-v1", "n_images": N_IMAGES, "n_concepts": len(_CONCEPTS)},
+            "model": model_prov,
+            "data": {"probe_set": "synthetic-probe-v1", "n_images": N_IMAGES, "n_concepts": len(_CONCEPTS),
+                     **({"source": "data/probe-images", "labels_source": "data/labels.csv",
+                         "images": "/home/user/.cache/auditor/synth-0f3a/images"} if v2 else {})},
+            **({"search": {"concepts": 18, "atoms": 36, "pool": 36, "length": 3, "beam": 3,
+                           "formulas_per_neuron": 36 + 2 * 3 * 36 * 2, "neurons": n_neurons + 8,
+                           "formulas_total": (36 + 2 * 3 * 36 * 2) * (n_neurons + 8), "in_sample": False,
+                           "heldout": 0.3}} if v2 else {}),
             "preprocessing": {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
             "device": "cpu",
             "timings": {"activations_s": 12.3, "search_s": 4.56, "total_s": 18.2},

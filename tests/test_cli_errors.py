@@ -34,7 +34,7 @@ def _copy_probe(colour_probe, tmp_path):
 
 def _out_untouched(args):
     out = Path(args[args.index("--out") + 1])
-    return not out.exists() and not list(out.parent.glob(f".{out.name}.staging-*"))
+    return not out.exists() and not list(out.parent.glob(".*"))
 
 
 @pytest.mark.parametrize("flag, value, pattern", [

@@ -43,7 +43,7 @@ def test_explain_matches_the_engine(saved, labels, capsys):
         assert [e["auroc"] for e in got["explanations"]] == pytest.approx([f.auroc for f in want.formulas], abs=1e-12)
     assert neurons[3]["status"] == "dead" and neurons[3]["explanations"] == []
     assert neurons[0]["explanations"][0]["formula"] == "wm" and neurons[0]["flags"][0]["artifact"] == "wm"
-    assert sorted(p.name for p in out.iterdir()) == ["neurons.csv", "results.json"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["neurons.csv", "results.json"]
 
 
 def test_explain_renders_a_report_without_images(saved, capsys):

@@ -75,7 +75,10 @@ def test_reported_numbers_match_independent_computation(colour_run, colour_probe
 
 def test_outputs_and_schema(colour_run):
     _, _, out, args = colour_run
-    assert sorted(p.name for p in out.iterdir()) == ["junit.xml", "neurons.csv", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".auditor", ".auditor-manifest.json", "junit.xml", "neurons.csv",
+                                                     "results.json"]
+    manifest = json.loads((out / ".auditor-manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["junit.xml", "neurons.csv", "results.json"]
     data = json.loads((out / "results.json").read_text())
     assert data["schema_version"] == "1.0"
     for key in ("concepts", "artifacts", "config", "provenance", "layers", "thresholds"):
@@ -94,8 +97,8 @@ def test_outputs_and_schema(colour_run):
     assert {"artifact", "rule", "reason"} <= set(neuron["flags"][0])
     rows = list(csv.DictReader(open(out / "neurons.csv")))
     assert len(rows) == 4
-    # No staging folders left behind; the cache is outside --out.
-    assert not list(out.parent.glob(".out.staging-*"))
+    # One run folder (the published one), nothing else; the cache is outside --out.
+    assert len(list((out / ".auditor" / "runs").iterdir())) == 1
 
 
 def test_no_fail_on_flag_and_cache_reuse(colour_args, capsys):

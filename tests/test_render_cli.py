@@ -25,7 +25,8 @@ def test_render_without_torch(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", code, str(results), str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["junit.xml", "neurons.csv", "report.html", "report.pdf"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["junit.xml", "neurons.csv",
+                                                                                "report.html", "report.pdf"]
     assert (out / "report.pdf").read_bytes().startswith(b"%PDF")
 
 

@@ -242,7 +242,8 @@ class Runner:
 def compute(model, layers, reductions, probe, transform, dev, chunks, todo, asm, folder, keep_chunks, *,
              precision, channels_last, compiled, batch_size, workers, pin_memory, prefetch_factor, top_k, decode,
              preprocessing, normalize, on_bad_image, log, progress, chunk_path, n_todo,
-             token_layouts=None) -> tuple[float, int]:
+             token_layouts=None, stamp: Callable[[int], dict[str, np.ndarray]] | None = None
+             ) -> tuple[float, int]:
     """Compute ``todo`` chunks; each goes to its chunk file (cache) and/or the assembler."""
     if not todo:
         return 0.0, batch_size
@@ -261,8 +262,8 @@ def compute(model, layers, reductions, probe, transform, dev, chunks, todo, asm,
                      token_layouts=token_layouts)
 
     def on_chunk(ci: int, chunk: dict[str, np.ndarray]) -> None:
-        if keep_chunks:
-            atomic_savez(chunk_path(ci), **chunk)
+        if keep_chunks:  # stamped with the cache key and its rows: a chunk copied elsewhere is not reused
+            atomic_savez(chunk_path(ci), **chunk, **(stamp(ci) if stamp else {}))
         if asm is not None:
             asm.add(chunks[ci][0], chunk)
 

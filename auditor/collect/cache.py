@@ -24,7 +24,8 @@ from torch import nn
 from ..data import ProbeSet
 from .reduce import MAX_MAP_SIDE, MAX_PREFIX_TOKENS
 
-CACHE_FORMAT = 3  # 3: outputs reduced inside the hook, token layout measured once per layer
+CACHE_FORMAT = 4  # 3: outputs reduced inside the hook, token layout measured once per layer;
+                  # 4: chunks stamped with their key and rows, committed arrays with sha256
 
 def state_hash(model: nn.Module) -> str:
     """sha256 of the model's parameters and buffers (names, shapes, bytes)."""

@@ -46,7 +46,7 @@ def _decode_batch(datas, rows, dev, pre, normalize):
     for i, im in enumerate(imgs):
         if im is None:
             continue
-        x = im.float()
+        x = im.float() if im.dtype != torch.uint16 else im.float().div_(257.0)  # 16-bit PNG: scale to 0-255
         if pre is not None and pre.resize:
             x = F.resize(x, [pre.resize], antialias=True,
                          interpolation=F.InterpolationMode.BICUBIC if getattr(pre, "interpolation", "bilinear")

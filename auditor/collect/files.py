@@ -54,11 +54,13 @@ def chunk_valid(chunk: dict[str, np.ndarray] | None, n: int, n_layers: int) -> b
     return True
 
 
-def clean_stale_tmp(folder: Path) -> None:
+def clean_stale_tmp(folder: Path, all_of_them: bool = False) -> None:
+    """Remove temp files a killed run left: all of them (the caller holds the folder's lock)
+    or those older than :data:`STALE_TMP_S`."""
     now = time.time()
     for p in folder.glob(".tmp-*"):
         try:
-            if now - p.stat().st_mtime > STALE_TMP_S:
+            if all_of_them or now - p.stat().st_mtime > STALE_TMP_S:
                 p.unlink()
         except OSError:
             pass

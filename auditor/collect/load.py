@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from ..images import check_pixels, open_rgb
 from ..models import Preprocessing
 
 def build_transform(pre: Preprocessing, normalize: bool = True):
@@ -128,10 +129,10 @@ class ProbeImages(Dataset):
                 data = bytearray(Path(path).read_bytes())
                 if not data:
                     raise ValueError("empty file")
+                check_pixels(bytes(data))  # the device decoder has no decompression-bomb limit: the header says
                 return torch.frombuffer(data, dtype=torch.uint8), idx, ""
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                x = self.transform(im) if self.transform is not None else _to_tensor(im)
+            im = open_rgb(path)  # 16-bit scaled, not clipped; decompression bombs refused (a ValueError)
+            x = self.transform(im) if self.transform is not None else _to_tensor(im)
             return x, idx, ""
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             return None, idx, f"{type(exc).__name__}: {exc}"

@@ -4,6 +4,7 @@ cached on disk. Decides what the cache already holds, what to compute, and (unde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -168,17 +170,17 @@ def _collect(model, layers, probe, reductions, layouts, dev, dinfo, t0, *, trans
                               "rank: pass --weights)")
 
     scratch: Path | None = None
+    lock = contextlib.nullcontext()
     if cache_dir is not None:
         folder = Path(cache_dir) / key
         if main:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True,
-                                                                        default=str))
             except OSError as exc:
                 raise ConfigError(f"cannot write the activation cache in {cache_dir}: {exc}; "
                                   "pass --cache-dir to a writable folder or --no-cache") from None
-            clean_stale_tmp(folder)
+        if dinfo is None:  # one run at a time per cache entry; a second one waits, then reuses it
+            lock = _KeyLock(folder, log)
     else:
         scratch = Path(tempfile.mkdtemp(prefix="auditor-activations-", dir=scratch_dir))
         folder = scratch
@@ -187,92 +189,39 @@ def _collect(model, layers, probe, reductions, layouts, dev, dinfo, t0, *, trans
     def chunk_path(ci: int) -> Path:
         return folder / f"chunk-{ci:05d}.npz"
 
+    def stamp(ci: int) -> dict[str, np.ndarray]:
+        return {"key": np.asarray(key), "rows": np.asarray(chunks[ci], dtype=np.int64)}
+
+    widths: dict[int, int] = {}
+
+    def chunk_ok(chunk, ci: int) -> bool:
+        """A chunk is reused only if it is readable (zip CRC), is this key's, holds chunk ci's
+        rows, and its layer widths agree with the other reused chunks'."""
+        start, stop = chunks[ci]
+        if not chunk_valid(chunk, stop - start, len(layers)):
+            return False
+        if str(chunk.get("key", "")) != key or [int(v) for v in chunk.get("rows", [])] != [start, stop]:
+            return False
+        for li in range(len(layers)):
+            if widths.setdefault(li, chunk[f"L{li}/values"].shape[1]) != chunk[f"L{li}/values"].shape[1]:
+                return False
+        return True
+
     try:
-        # -- a committed result: reuse it
-        final = load_final(folder, layers, N) if (main and scratch is None) else None
-        if dinfo is not None:
-            hit = dinfo.broadcast(final is not None)
-            sees = (folder / "manifest.json").is_file()
-            seen = dinfo.gather(sees)
-            if not all(seen):
-                raise ConfigError(f"ranks {[r for r, s in enumerate(seen) if not s]} cannot see the cache folder "
-                                  f"{folder} written by rank 0; every rank needs the same shared --cache-dir")
-            if hit and not main:
-                return None
-        if final is not None:
-            log(f"activation cache hit: {N} images × {len(layers)} layer(s) reused from {folder}")
-            return make_result(final, probe, on_bad_image, dev, precision, batch_size, world, t0, 0,
-                               {"status": "hit", "key": key, "dir": str(folder), "chunks": len(chunks),
-                                "reused": len(chunks), "images_fingerprint": images_fp},
-                               warnings=warnings + _reuse_warnings(model, final[0], log))
-
-        # -- chunks: reuse the committed ones, compute the rest (this rank's share)
-        mine = list(range(len(chunks))) if dinfo is None else dinfo.shard(list(range(len(chunks))))
-        reused: list[int] = []
-        todo: list[int] = []
-        for ci in mine:
-            path = chunk_path(ci)
-            if scratch is None and path.exists():
-                start, stop = chunks[ci]
-                if chunk_valid(load_chunk(path), stop - start, len(layers)):
-                    reused.append(ci)
-                    continue
-            todo.append(ci)
-        n_todo = sum(chunks[ci][1] - chunks[ci][0] for ci in todo)
-        n_reused_all = len(reused) if dinfo is None else sum(dinfo.gather(len(reused)))
-        if main and scratch is None:
-            if n_reused_all:
-                log(f"activation cache partial: {n_reused_all}/{len(chunks)} chunk(s) reused from {folder}"
-                    + (f"; computing the rest across {world} ranks" if dinfo else ""))
-            else:
-                log(f"activation cache miss: computing {N} images into {folder}"
-                    + (f" across {world} ranks" if dinfo else ""))
-
-        asm = Assembler(folder, layers, N, top_k) if dinfo is None else None
-        try:
-            if asm is not None:
-                for ci in reused:
-                    asm.add(chunks[ci][0], load_chunk(chunk_path(ci)))
-            compute_s, batch_used = compute(model, layers, reductions, probe, transform, dev, chunks, todo, asm, folder,
-                               scratch is None, precision=precision, channels_last=channels_last,
-                               compiled=compile, batch_size=batch_size, workers=workers, pin_memory=pin_memory,
-                               prefetch_factor=prefetch_factor, top_k=top_k, decode=decode,
-                               preprocessing=preprocessing, normalize=normalize, on_bad_image=on_bad_image,
-                               log=log, progress=progress and main, chunk_path=chunk_path, n_todo=n_todo,
-                               token_layouts=layouts)
-            n_reused = len(reused)
-            if dinfo is not None:
-                counts = dinfo.gather((n_todo, len(reused)))
-                n_done, n_reused = sum(c[0] for c in counts), sum(c[1] for c in counts)
-                dinfo.barrier()  # every rank's chunks are on disk
-                if not main:
-                    return None
-                asm = Assembler(folder, layers, N, top_k)
-                for ci, (start, stop) in enumerate(chunks):
-                    chunk = load_chunk(chunk_path(ci))
-                    if not chunk_valid(chunk, stop - start, len(layers)):
-                        raise DataError(f"chunk {ci} of the activation cache {folder} is missing or unreadable "
-                                        "after every rank finished: is --cache-dir on storage all ranks share?")
-                    asm.add(start, chunk)
-            else:
-                n_done = n_todo
-            asm.commit()
-        except BaseException:
-            if asm is not None:
-                asm.abort()
-            raise
-        for ci in range(len(chunks)):
-            chunk_path(ci).unlink(missing_ok=True)
-        final = load_final(folder, layers, N)
-        if final is None:
-            raise DataError(f"the activation cache {folder} could not be read back after writing it; is the "
-                            "disk full, or is another process deleting it?")
-        status = "partial" if n_reused else ("miss" if scratch is None else "off")
-        return make_result(final, probe, on_bad_image, dev, precision, batch_used, world, t0, n_done,
-                       {"status": status, "key": key, "dir": None if scratch else str(folder), "chunks": len(chunks),
-                        "reused": n_reused, "images_fingerprint": images_fp},
-                       compute_seconds=compute_s if dinfo is None else time.perf_counter() - t0,
-                       warnings=warnings + _reuse_warnings(model, final[0], log))
+        with lock:
+            if main and scratch is None:
+                _write_key_manifest(folder, manifest, cache_dir)
+                clean_stale_tmp(folder, all_of_them=dinfo is None)  # under the lock: nobody else writes here
+            return _collect_locked(
+                model, layers, probe, reductions, dev, dinfo, t0, N, main, world, key, manifest, images_fp, folder,
+                scratch, chunks, chunk_path, stamp, chunk_ok, warnings, layouts, transform=transform, batch_size=batch_size,
+                workers=workers, top_k=top_k, on_bad_image=on_bad_image, log=log, progress=progress,
+                precision=precision, channels_last=channels_last, compile=compile, pin_memory=pin_memory,
+                prefetch_factor=prefetch_factor, decode=decode, preprocessing=preprocessing, normalize=normalize)
+    except OSError as exc:
+        if exc.filename is None:  # np.save / pwrite say "No space left on device" without the path
+            raise OSError(exc.errno, exc.strerror or str(exc), str(folder)) from exc
+        raise
     finally:
         if scratch is not None:
             remove_scratch(scratch)
@@ -283,6 +232,155 @@ def _reuse_warnings(model, layers: dict, log) -> list[str]:
     for w in out:
         log(f"warning: {w}")
     return out
+
+
+class _KeyLock:
+    """``<key>/.lock`` (filelock): held while a run reads or writes one cache entry."""
+
+    def __init__(self, folder: Path, log):
+        from filelock import FileLock
+
+        self.lock = FileLock(str(folder / ".lock"))
+        self.folder, self.log = folder, log
+
+    def __enter__(self):
+        from filelock import Timeout
+
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            self.log(f"waiting for another auditor run that is computing the same activations in {self.folder}")
+            self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def _write_key_manifest(folder: Path, manifest: dict[str, Any], cache_dir) -> None:
+    """Write the key's manifest unless it is there already (keeping the commit's ``final`` record)."""
+    path = folder / "manifest.json"
+    try:
+        old = json.loads(path.read_text())
+        if isinstance(old, dict) and {k: v for k, v in old.items() if k != "final"} == json.loads(
+                json.dumps(manifest, sort_keys=True, default=str)):
+            return
+    except (OSError, ValueError):
+        pass
+    try:
+        atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True, default=str))
+    except OSError as exc:
+        raise ConfigError(f"cannot write the activation cache in {cache_dir}: {exc}; "
+                          "pass --cache-dir to a writable folder or --no-cache") from None
+
+
+def _collect_locked(model, layers, probe, reductions, dev, dinfo, t0, N, main, world, key, manifest, images_fp,
+                    folder, scratch, chunks, chunk_path, stamp, chunk_ok, warnings, layouts, *, transform, batch_size, workers, top_k,
+                    on_bad_image, log, progress, precision, channels_last, compile, pin_memory, prefetch_factor,
+                    decode, preprocessing, normalize):
+    # -- a committed result: reuse it, once it is verified
+    problems: list[str] = []
+    final = load_final(folder, layers, N, problems=problems) if (main and scratch is None) else None
+    if problems:
+        log(f"activation cache in {folder} not used: {problems[0]}; recomputing")
+        (folder / "summary.npz").unlink(missing_ok=True)  # never served again
+    if dinfo is not None:
+        hit = dinfo.broadcast(final is not None)
+        sees = (folder / "manifest.json").is_file()
+        seen = dinfo.gather(sees)
+        if not all(seen):
+            raise ConfigError(f"ranks {[r for r, s in enumerate(seen) if not s]} cannot see the cache folder "
+                              f"{folder} written by rank 0; every rank needs the same shared --cache-dir")
+        if hit and not main:
+            return None
+    if final is not None:
+        log(f"activation cache hit: {N} images × {len(layers)} layer(s) reused from {folder} (checksums verified)")
+        return make_result(final, probe, on_bad_image, dev, precision, batch_size, world, t0, 0,
+                           {"status": "hit", "key": key, "dir": str(folder), "chunks": len(chunks),
+                            "reused": len(chunks), "images_fingerprint": images_fp},
+                           warnings=warnings + _reuse_warnings(model, final[0], log))
+
+    # -- chunks: reuse the committed ones, compute the rest (this rank's share)
+    mine = list(range(len(chunks))) if dinfo is None else dinfo.shard(list(range(len(chunks))))
+    reused: list[int] = []
+    todo: list[int] = []
+    rejected: list[int] = []
+    for ci in mine:
+        path = chunk_path(ci)
+        if scratch is None and path.exists():
+            if chunk_ok(load_chunk(path), ci):
+                reused.append(ci)
+                continue
+            rejected.append(ci)
+        todo.append(ci)
+    if rejected and main:
+        log(f"activation cache: {len(rejected)} chunk(s) in {folder} unreadable, from elsewhere or inconsistent "
+            f"(chunk {rejected[0]}{' …' if len(rejected) > 1 else ''}); recomputing them")
+    n_reused_all = len(reused) if dinfo is None else sum(dinfo.gather(len(reused)))
+    if main and scratch is None:
+        if n_reused_all:
+            log(f"activation cache partial: {n_reused_all}/{len(chunks)} chunk(s) reused from {folder}"
+                + (f"; computing the rest across {world} ranks" if dinfo else ""))
+        else:
+            log(f"activation cache miss: computing {N} images into {folder}"
+                + (f" across {world} ranks" if dinfo else ""))
+
+    asm = Assembler(folder, layers, N, top_k, manifest) if dinfo is None else None
+    try:
+        if asm is not None:
+            for ci in list(reused):
+                chunk = load_chunk(chunk_path(ci))
+                if not chunk_ok(chunk, ci):  # changed or deleted since it was checked: compute it instead
+                    log(f"activation cache: chunk {ci} in {folder} changed or vanished while being read; "
+                        "recomputing it")
+                    reused.remove(ci)
+                    todo.append(ci)
+                    continue
+                asm.add(chunks[ci][0], chunk)
+            todo.sort()
+        n_todo = sum(chunks[ci][1] - chunks[ci][0] for ci in todo)
+        compute_s, batch_used = compute(model, layers, reductions, probe, transform, dev, chunks, todo, asm, folder,
+                                        scratch is None, precision=precision, channels_last=channels_last,
+                                        compiled=compile, batch_size=batch_size, workers=workers,
+                                        pin_memory=pin_memory, prefetch_factor=prefetch_factor, top_k=top_k,
+                                        decode=decode, preprocessing=preprocessing, normalize=normalize,
+                                        on_bad_image=on_bad_image, log=log, progress=progress and main,
+                                        chunk_path=chunk_path, n_todo=n_todo, token_layouts=layouts, stamp=stamp)
+        n_reused = len(reused)
+        if dinfo is not None:
+            counts = dinfo.gather((n_todo, len(reused)))
+            n_done, n_reused = sum(c[0] for c in counts), sum(c[1] for c in counts)
+            dinfo.barrier()  # every rank's chunks are on disk
+            if not main:
+                return None
+            asm = Assembler(folder, layers, N, top_k, manifest)
+            for ci, (start, _stop) in enumerate(chunks):
+                chunk = load_chunk(chunk_path(ci))
+                if not chunk_ok(chunk, ci):
+                    raise DataError(f"chunk {ci} of the activation cache {folder} is missing, unreadable or not "
+                                    "this run's after every rank finished: is --cache-dir on storage all ranks "
+                                    "share, and no other run writing to it?")
+                asm.add(start, chunk)
+        else:
+            n_done = n_todo
+        asm.commit()
+    except BaseException:
+        if asm is not None:
+            asm.abort()
+        raise
+    for ci in range(len(chunks)):
+        chunk_path(ci).unlink(missing_ok=True)
+    final = load_final(folder, layers, N, verify=False, problems=problems)  # just written and hashed
+    if final is None:
+        raise DataError(f"the activation cache {folder} could not be read back after writing it "
+                        f"({problems[-1] if problems else 'no committed result'}); is the disk full, or is another "
+                        "process changing it?")
+    status = "partial" if n_reused else ("miss" if scratch is None else "off")
+    return make_result(final, probe, on_bad_image, dev, precision, batch_used, world, t0, n_done,
+                       {"status": status, "key": key, "dir": None if scratch else str(folder),
+                        "chunks": len(chunks), "reused": n_reused, "images_fingerprint": images_fp},
+                       compute_seconds=compute_s if dinfo is None else time.perf_counter() - t0,
+                       warnings=warnings + _reuse_warnings(model, final[0], log))
 
 
 def clear_cache(cache_dir: Path) -> None:

@@ -16,6 +16,7 @@ from auditor.demo.data import (
     make_probe_set,
 )
 _MODEL_NAMES = (
+    "CONTROL_WEIGHTS",
     "DEMO_ARTIFACTS",
     "DEMO_CLASSES",
     "DEMO_IMAGE_SIZE",

@@ -34,6 +34,10 @@ DEMO_ARTIFACTS: list[str] = ["watermark", "text"]
 DEMO_SHORTCUT_ARTIFACT: str = "watermark"
 DEMO_SHORTCUT_CLASS: str = "star"
 DEMO_WEIGHTS: Path = Path(__file__).with_name("demo_model.pt")
+#: A control model trained the same way but with the watermark on 20% of every class
+#: (``python -m auditor.demo.train --p-class 0.2 --p-other 0.2``): no shortcut to find.
+#: ``load_demo_model(CONTROL_WEIGHTS)`` loads it (docs/impact.md).
+CONTROL_WEIGHTS: Path = Path(__file__).with_name("control_model.pt")
 #: Channels of ``DEMO_LAYER`` that watermarks drive in the shipped weights: pasting
 #: a watermark on clean probe images raises their spatial mean by more than one
 #: SD of its clean value on over 90% of images (measured, independently of any
@@ -92,6 +96,7 @@ def load_demo_model(path: str | Path | None = None) -> DemoNet:
         model.load_state_dict(state)
     except Exception as exc:  # corrupt file, wrong architecture
         raise ModelError(f"cannot load the demo weights {path}: {exc}") from None
+    model.class_names = list(DEMO_CLASSES)  # read by the impact test (auditor.impact) for class names
     return model.eval()
 
 

@@ -193,9 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-val", type=_positive, default=TrainConfig.n_val)
     parser.add_argument("--n-eval", type=_positive, default=TrainConfig.n_eval)
     parser.add_argument("--threads", type=_positive, default=TrainConfig.threads)
+    parser.add_argument("--p-class", type=float, default=TrainConfig.p_class,
+                        help="share of shortcut-class images that carry the watermark (default: %(default)s)")
+    parser.add_argument("--p-other", type=float, default=TrainConfig.p_other,
+                        help="share of the other classes' images that carry it (default: %(default)s); "
+                             "--p-class 0.2 --p-other 0.2 trains the control model without the shortcut")
     args = parser.parse_args(argv)
+    for name in ("p_class", "p_other"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')}: expected a share in [0, 1], got {getattr(args, name)}")
     config = TrainConfig(seed=args.seed, epochs=args.epochs, n_train=args.n_train, n_val=args.n_val,
-                         n_eval=args.n_eval, threads=args.threads)
+                         n_eval=args.n_eval, threads=args.threads, p_class=args.p_class, p_other=args.p_other)
     try:
         model, m = train(config)
     except AuditorError as exc:

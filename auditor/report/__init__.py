@@ -74,9 +74,9 @@ def render(result: AuditResult, out_dir: str | Path,
             write_html(context, path)
         elif fmt == "pdf":
             from .html import render_context
-            from .pdf import html_to_pdf
+            from .pdf import attachments_for, html_to_pdf
 
-            html_to_pdf(render_context(context, for_pdf=True), path)
+            html_to_pdf(render_context(context, for_pdf=True), path, attachments_for(result))
         elif fmt == "json":
             result._save_json(path)
         elif fmt == "csv":

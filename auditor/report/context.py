@@ -6,6 +6,7 @@ built here; the template does all of it with autoescape on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -15,7 +16,9 @@ from ..results import AuditResult, Concept, Explanation, Flag, LayerResult, Neur
 from . import figures
 from .dora import dora_view
 from .env import data_image, fmt_num, fmt_seconds
-from .tables import concept_usage, neuron_row
+from .impact import card_extras, impact_context
+from .tables import (STATUS_ORDER, checked_artifacts, concept_usage, formula_atoms, median, neuron_row,
+                     neuron_tests, worst_status)
 
 # Above this many flagged neurons, only the strongest get a full card; the rest are
 # listed in a compact table (each card carries a plot and up to a dozen images).
@@ -24,11 +27,90 @@ MAX_CARDS = 100
 # top neurons by AUROC (the full table is in the HTML and neurons.csv).
 PDF_TABLE_LIMIT = 250
 MAX_TOP_IMAGES = 12
-# Per layer: artifact-sensitive (unflagged) neurons listed with a few images, and the
-# strongest unflagged neurons shown as reference cards.
-MAX_SENSITIVE_ROWS = 60
-SENSITIVE_IMAGES = 4
+# Per layer: the strongest neurons without a finding, shown as reference cards.
 N_REFERENCE = 3
+# With more flagged cards than CARDS_COLLAPSE_ABOVE, only the first CARDS_OPEN are open on
+# screen; the rest are collapsed (one click each). The PDF shows every card open.
+CARDS_OPEN = 5
+CARDS_COLLAPSE_ABOVE = 10
+NEAR_MISS_ROWS = 5  # closest calls listed per artifact
+
+STATUS_LABEL = {"flagged": "flagged", "near_miss": "near miss", "inconclusive": "inconclusive",
+                "clean": "clean", "not_checked": "not checked", "dead": "dead", "no formula": "no formula"}
+
+# -- recommended action: verdict × impact ------------------------------------------------
+# An artifact's impact is "material" when pasting it flips at least IMPACT_MATERIAL more of
+# the model's predictions than the control paste does (flip_rate - control_flip_rate); a
+# reporting convention, documented in docs/report.md, not a statistical test.
+IMPACT_MATERIAL = 0.02
+IMPACT_LEVELS = ("material", "small", "not measured")
+# (verdict, impact level) -> (severity, one line); lower severity is more urgent. The
+# page-1 recommendation is the line of the most urgent artifact.
+ACTIONS: dict[tuple[str, str], tuple[int, str]] = {
+    ("flagged", "material"): (0, "Block the release: neurons detect the artifact and pasting it changes the "
+                                 "model's outputs. Remove the artifact from the training data or retrain, then re-audit."),
+    ("flagged", "not measured"): (1, "Treat as blocking until the impact is measured: neurons detect the artifact "
+                                     "(run the paired clean/pasted impact test)."),
+    ("near_miss", "material"): (2, "Investigate before release: no neuron passes the flag rule, but pasting the "
+                                   "artifact changes the outputs."),
+    ("inconclusive", "material"): (2, "Investigate before release: pasting the artifact changes the outputs and "
+                                      "the neuron test lacked the images to decide."),
+    ("clean", "material"): (2, "Investigate before release: no detector neuron in the audited layers, yet pasting "
+                               "the artifact changes the outputs; audit other layers."),
+    ("flagged", "small"): (3, "Review before release: neurons detect the artifact but pasting it barely changes "
+                              "the outputs; confirm on a test set from the deployment domain."),
+    ("inconclusive", "not measured"): (4, "Collect more probe images carrying the artifact and re-audit: the "
+                                          "test lacked power."),
+    ("inconclusive", "small"): (4, "Collect more probe images carrying the artifact and re-audit: the test "
+                                   "lacked power."),
+    ("not_checked", "material"): (2, "Fix the probe set and re-audit: the artifact could not be tested, and "
+                                     "pasting it changes the outputs."),
+    ("not_checked", "small"): (4, "Fix the probe set and re-audit: the artifact could not be tested."),
+    ("not_checked", "not measured"): (4, "Fix the probe set and re-audit: the artifact could not be tested."),
+    ("near_miss", "not measured"): (5, "Review the near misses before release, and measure the impact."),
+    ("near_miss", "small"): (6, "Review the near misses; no change to the outputs was measured."),
+    ("clean", "not measured"): (9, "No action for this artifact (within the limits of the probe set)."),
+    ("clean", "small"): (9, "No action for this artifact."),
+}
+
+# Human names of the flag thresholds (the config key is shown beside them).
+THRESHOLD_NAMES = {
+    "flag_max_p": "Largest adjusted p-value of a flagged formula",
+    "flag_min_auroc": "Smallest AUROC of a flagged formula",
+    "artifact_auroc": "Artifact alone: AUROC for the strong branch",
+    "flag_margin": "AUROC a formula must lose without the artifact",
+    "flag_partial_auroc": "Artifact alone: AUROC when the flag rests on the margin",
+    "flag_min_support": "Fewest images a flagged formula must hold on",
+    "min_effect": "Smallest artifact effect of a flag",
+    "near_miss": "Near-miss band",
+}
+
+GLOSSARY = [
+    ("AUROC", "Area under the ROC curve: the chance that a random image where the formula (or artifact) holds "
+              "activates the neuron more than a random image where it does not; ties count half. 0.5 is no "
+              "relation, 1.0 a perfect detector."),
+    ("Artifact effect", "The AUROC of the artifact concept alone as a predictor of the neuron (stratified by "
+                        "the rest of the formula where the flag rule says so). 0.5 = no effect; its 95% "
+                        "interval is analytic (DeLong) for every neuron, bootstrap for flagged neurons."),
+    ("p-value", "Mann-Whitney U test of 'activations where the formula holds and where it does not come from "
+                "the same distribution'. Tiny values are written from their logarithm (3.6e-1235)."),
+    ("BH (adjusted p)", "Benjamini-Hochberg adjustment across the neurons of a layer: among neurons called "
+                        "significant at level q, the expected share of false discoveries is at most q."),
+    ("Support", "The number of probe images where the formula holds (fraction: the same as a share of all "
+                "probe images). A high AUROC on a small support rests on few images."),
+    ("Beam", "INVERT keeps the B best formulas (the beam) at each length and extends only those; B is the "
+             "beam size, L the longest formula."),
+    ("Flagged", "The neuron passes every condition of the flag rule for the artifact (see Thresholds)."),
+    ("Near miss", "The neuron's evidence points at the artifact but one condition of the rule fails; the "
+                  "reason names the condition and its number."),
+    ("Inconclusive", "Too few images carry the artifact (or its confidence interval is too wide) to call the "
+                     "neuron either way."),
+    ("Dead neuron", "Constant on every probe image: nothing to explain."),
+    ("In-sample", "Scored on the same images the formula was chosen on, which makes numbers optimistic."),
+    ("Held-out", "Scored on images the search never saw (config heldout); free of the selection bias."),
+    ("Impact / flip rate", "Share of probe images whose predicted class changes when the artifact is pasted "
+                           "onto them, next to the same for a neutral control paste."),
+]
 
 
 # -- small helpers ------------------------------------------------------------------
@@ -47,7 +129,7 @@ def _find(data: Any, keys: tuple[str, ...], depth: int = 0) -> Any:
     return None
 
 
-def _scalar_text(value: Any, limit: int = 400) -> str:
+def _scalar_text(value: Any, limit: int | None = None) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return fmt_num(value, 6)
     if value is None:
@@ -58,7 +140,7 @@ def _scalar_text(value: Any, limit: int = 400) -> str:
         text = json.dumps(value, default=str, ensure_ascii=False)
     else:
         text = str(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def key_values(data: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -103,7 +185,8 @@ def _p_sort(p_adjusted: Any, log10_p: Any) -> float | None:
 def formula_tokens(expl: Explanation | Flag | None, concepts: dict[str, Concept]) -> list[dict[str, str]]:
     """The formula as ``{"kind", "text"}`` tokens with concept display names.
 
-    kinds: ``concept``, ``artifact``, ``op`` (AND/OR/NOT), ``paren``, ``text`` (the raw
+    kinds: ``concept``, ``artifact`` (un-negated), ``artifact-neg`` (an artifact under NOT,
+    which is not evidence for it), ``op`` (AND/OR/NOT), ``paren``, ``text`` (the raw
     formula, when there is no usable AST).
     """
     if expl is None:
@@ -111,21 +194,23 @@ def formula_tokens(expl: Explanation | Flag | None, concepts: dict[str, Concept]
     ast = getattr(expl, "ast", None)
     tokens: list[dict[str, str]] = []
 
-    def atom(name: str) -> None:
+    def atom(name: str, negated: bool) -> None:
         c = concepts.get(name)
-        tokens.append({"kind": "artifact" if c is not None and c.is_artifact else "concept",
-                       "text": (c.display_name or name) if c is not None else name, "name": name})
+        is_art = c is not None and c.is_artifact
+        # A negated artifact ("NOT text") is not evidence for the artifact: not highlighted.
+        kind = ("artifact-neg" if negated else "artifact") if is_art else "concept"
+        tokens.append({"kind": kind, "text": (c.display_name or name) if c is not None else name, "name": name})
 
-    def walk(node: Any, parent: str | None) -> None:
+    def walk(node: Any, parent: str | None, negated: bool = False) -> None:
         if isinstance(node, str):
-            atom(node)
+            atom(node, negated)
             return
         if not isinstance(node, (list, tuple)) or not node:
             raise ValueError("bad node")
         op = node[0]
         if op == "not" and len(node) == 2:
             tokens.append({"kind": "op", "text": "NOT"})
-            walk(node[1], "not")
+            walk(node[1], "not", not negated)
             return
         if op not in ("and", "or") or len(node) < 3:
             raise ValueError("bad node")
@@ -135,7 +220,7 @@ def formula_tokens(expl: Explanation | Flag | None, concepts: dict[str, Concept]
         for i, child in enumerate(node[1:]):
             if i:
                 tokens.append({"kind": "op", "text": op.upper()})
-            walk(child, op)
+            walk(child, op, negated)
         if wrap:
             tokens.append({"kind": "paren", "text": ")"})
 
@@ -202,6 +287,8 @@ class _Builder:
         self.render_figures = render_figures
         self.concepts = {c.name: c for c in result.concepts}
         self.thresholds = result.thresholds or {}
+        self.checked = checked_artifacts(result)
+        self._tests: dict[int, dict[str, dict[str, Any]]] = {}
         self.auroc_threshold = next(
             (self.thresholds[k] for k in ("flag_min_auroc", "min_auroc", "auroc_threshold")
              if _finite(self.thresholds.get(k))),
@@ -210,15 +297,6 @@ class _Builder:
 
     def tokens(self, expl) -> list[dict[str, str]]:
         return formula_tokens(expl, self.concepts)
-
-    def flag_tokens(self, neuron: NeuronResult, flag: Flag) -> list[dict[str, str]]:
-        """A flag's formula as tokens: from the beam's AST when the flag names a beam formula."""
-        if not flag.formula:
-            return []
-        for expl in neuron.explanations:
-            if expl.formula == flag.formula:
-                return self.tokens(expl)
-        return self.tokens(flag)
 
     def figure(self, fn: Callable[..., str | None], *args, **kwargs) -> str | None:
         return fn(*args, **kwargs) if self.render_figures else None
@@ -245,14 +323,10 @@ class _Builder:
             "tokens": tokens,
             "raw_formula": best.formula if best is not None and _display_differs(tokens) else None,
             "best": _metrics(best),
-            "flags": [
-                {**f.to_dict(), "label": self.concept_label(f.artifact), "tokens": self.flag_tokens(neuron, f)}
-                for f in neuron.flags
-            ],
-            "artifact_auroc": [
-                {"name": a, "label": self.concept_label(a), "auroc": v, "sensitive": a in neuron.sensitive}
-                for a, v in neuron.artifact_auroc.items()
-            ],
+            "flags": [{"artifact": f.artifact, "label": self.concept_label(f.artifact)} for f in neuron.flags],
+            "status": "dead" if neuron.status == "dead" else (worst_status(self.tests(neuron)) or "no formula"),
+            "tests": self.test_list(neuron),
+            "base_rates": self.base_rates(neuron),
             "stats": neuron.stats,
             "distribution": self.figure(figures.distribution_plot, dist) if dist is not None else None,
             "distribution_matches_best": dist is not None and best is not None and dist.formula == best.formula,
@@ -264,62 +338,203 @@ class _Builder:
                        if isinstance(v, dict)],
             "flagged": neuron.flagged,
             "beams": beams,
+            **(card_extras(self.result, layer, neuron) if neuron.flagged else {}),
+            # a flagged neuron whose AUROC interval reaches below the flag threshold is said so
+            "ci_below": (self.auroc_threshold if neuron.flagged and best is not None and best.auroc_ci
+                         and _finite(self.auroc_threshold) and best.auroc_ci[0] < self.auroc_threshold else None),
         }
+
+    def test_list(self, neuron: NeuronResult) -> list[dict[str, Any]]:
+        return [{"name": a, "label": self.concept_label(a), **t, "status_label": STATUS_LABEL.get(t["status"],
+                                                                                                  t["status"])}
+                for a, t in self.tests(neuron).items()]
+
+    def base_rates(self, neuron: NeuronResult) -> list[dict[str, Any]]:
+        """Per checked artifact: how many of the shown top images carry it, against its base rate."""
+        shown = neuron.top_images[:MAX_TOP_IMAGES]
+        if not shown:
+            return []
+        out = []
+        for art in self.result.artifacts:
+            if art not in self.checked:
+                continue
+            c = self.concepts.get(art)
+            k = sum(1 for img in shown if art in img.artifacts)
+            rate = c.fraction if c is not None else None
+            out.append({"label": self.concept_label(art), "k": k, "n": len(shown), "rate": rate,
+                        "expected": rate * len(shown) if _finite(rate) else None})
+        return out
 
     def _beam_item(self, expl: Explanation) -> dict[str, Any]:
         return {"tokens": self.tokens(expl), **(_metrics(expl) or {})}
 
-    # -- verdict -----------------------------------------------------------------------
+    # -- tests, verdicts, actions ------------------------------------------------------
+    def tests(self, neuron: NeuronResult) -> dict[str, dict[str, Any]]:
+        key = id(neuron)
+        if key not in self._tests:
+            self._tests[key] = neuron_tests(neuron, self.result.artifacts, self.thresholds, self.checked)
+        return self._tests[key]
+
+    def impact(self, artifact: str) -> dict[str, Any] | None:
+        """The impact record of ``artifact`` (issue: impact), with its level for the action table."""
+        gate = (self.result.config or {}).get("fail_on_impact")
+        for rec in getattr(self.result, "impact", None) or []:
+            get = rec.get if isinstance(rec, dict) else (lambda k, d=None, r=rec: getattr(r, k, d))
+            if get("artifact") != artifact:
+                continue
+            flip, control = get("flip_rate"), get("control_flip_rate")
+            excess = flip - control if _finite(flip) and _finite(control) else None
+            ablation = get("ablation") or {}
+            level = "not measured" if not _finite(flip) else (
+                "material" if (excess if excess is not None else flip) >= IMPACT_MATERIAL else "small")
+            return {"flip_rate": flip, "control_flip_rate": control, "excess": excess, "level": level,
+                    "summary": get("summary") or "", "n_images": get("n_images"),
+                    "gate": gate if isinstance(gate, (int, float)) else None,
+                    "exceeded": bool(_finite(flip) and isinstance(gate, (int, float)) and flip > gate),
+                    "share_carried": ablation.get("share_carried") if isinstance(ablation, dict) else None}
+        return None
+
     def verdict(self) -> list[dict[str, Any]]:
+        """Per artifact: verdict, status counts, strongest finding or closest call, impact, action."""
         rows = []
         layer_pos = {lyr.name: i for i, lyr in enumerate(self.result.layers)}
         for art in self.result.artifacts:
             concept = self.concepts.get(art)
-            hits: list[tuple[LayerResult, NeuronResult, Flag]] = []
-            sensitive: list[tuple[str, int]] = []
+            counts = {s: 0 for s in STATUS_ORDER}
+            hits: list[tuple[LayerResult, NeuronResult, dict[str, Any]]] = []
             for lyr in self.result.layers:
                 for n in lyr.neurons:
-                    hits.extend((lyr, n, f) for f in n.flags if f.artifact == art)
-                    if art in n.sensitive:
-                        sensitive.append((lyr.name, n.index))
-            by_rule: dict[str, int] = {}
-            for _, _, f in hits:
-                by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
-            strongest = None
-            if hits:
-                # Strongest: the artifact alone predicts the neuron best, then the formula's AUROC.
-                lyr, n, f = max(hits, key=lambda h: (h[2].artifact_auroc if _finite(h[2].artifact_auroc) else -1,
-                                                     h[2].auroc if _finite(h[2].auroc) else -1,
-                                                     -(h[2].p_adjusted if _finite(h[2].p_adjusted) else 1.0)))
-                strongest = {
-                    "anchor": self.anchor(layer_pos[lyr.name], n.index),
-                    "layer": lyr.name,
-                    "neuron": n.index,
-                    "tokens": self.flag_tokens(n, f),
-                    "auroc": f.auroc,
-                    "p_adjusted": f.p_adjusted,
-                    "rule": f.rule,
-                }
-            if concept is not None and concept.status == "excluded":
-                status = "excluded"
-            elif hits:
-                status = "flagged"
-            elif concept is None:
-                status = "unknown"
+                    t = self.tests(n).get(art)
+                    if t is None or t["status"] not in counts:
+                        continue
+                    counts[t["status"]] += 1
+                    hits.append((lyr, n, t))
+            if concept is not None and concept.status == "excluded" or art not in self.checked:
+                status = "not_checked"
             else:
-                status = "clean"
+                status = next((st for st in STATUS_ORDER if counts[st]), "clean")
+            # Flagged: the strongest flag (largest artifact effect). Otherwise the closest call:
+            # near misses first, then inconclusive, then any neuron, by artifact effect.
+            pick_from = [h for h in hits if h[2]["status"] == "flagged"] or \
+                [h for h in hits if h[2]["status"] == "near_miss"] or \
+                [h for h in hits if h[2]["status"] == "inconclusive"] or hits
+            top = None
+            if pick_from and status != "not_checked":
+                lyr, n, t = max(pick_from, key=lambda h: (h[2]["effect"] if _finite(h[2]["effect"]) else -1,
+                                                          h[1].best.auroc if h[1].best else -1, -h[1].index))
+                top = {"anchor": self.anchor(layer_pos[lyr.name], n.index), "layer": lyr.name,
+                       "neuron": n.index, "status": t["status"], "effect": t["effect"],
+                       "effect_ci": t["effect_ci"], "reason": t["reason"], "tokens": self.tokens(n.best),
+                       "auroc": n.best.auroc if n.best else None,
+                       "p_adjusted": n.best.p_adjusted if n.best else None}
+            impact = self.impact(art)
+            level = impact["level"] if impact else "not measured"
+            severity, action = ACTIONS[(status, level)]
             rows.append({
                 "name": art,
                 "label": self.concept_label(art),
                 "status": status,
+                "status_label": STATUS_LABEL[status],
                 "reason": concept.reason if concept is not None else "not among the result's concepts",
-                "n_flagged": len({(lyr.name, n.index) for lyr, n, _ in hits}),
-                "by_rule": by_rule,
-                "layers": sorted({lyr.name for lyr, _, _ in hits}, key=lambda name: layer_pos[name]),
-                "n_sensitive": len(sensitive),
-                "strongest": strongest,
+                "counts": counts,
+                "n_flagged": counts["flagged"],
+                "n_tested": sum(counts.values()),
+                "layers": sorted({lyr.name for lyr, _, t in hits if t["status"] == "flagged"},
+                                 key=lambda name: layer_pos[name]),
+                "top": top,
+                "top_kind": "strongest" if status == "flagged" else "closest call",
+                "prevalence": concept.fraction if concept is not None else None,
+                "n_positive": concept.n_positive if concept is not None else None,
+                "impact": impact,
+                "impact_level": level,
+                "action": action,
+                "severity": severity,
+                "near_misses": self.near_misses(art, hits, layer_pos),
             })
         return rows
+
+    def near_misses(self, art: str, hits, layer_pos) -> list[dict[str, Any]]:
+        """The closest calls for ``art`` that were not flagged, with the failed condition."""
+        close = [h for h in hits if h[2]["status"] in ("near_miss", "inconclusive")]
+        close.sort(key=lambda h: (h[2]["status"] != "near_miss",
+                                  -(h[2]["effect"] if _finite(h[2]["effect"]) else -1), h[1].index))
+        return [{"anchor": self.anchor(layer_pos[lyr.name], n.index), "layer": lyr.name, "neuron": n.index,
+                 "status": t["status"], "effect": t["effect"], "effect_ci": t["effect_ci"], "reason": t["reason"],
+                 "tokens": self.tokens(n.best), "auroc": n.best.auroc if n.best else None,
+                 "p_adjusted": n.best.p_adjusted if n.best else None}
+                for lyr, n, t in close[:NEAR_MISS_ROWS]] + ([{"more": len(close) - NEAR_MISS_ROWS}]
+                                                               if len(close) > NEAR_MISS_ROWS else [])
+
+    # -- page 1: identity ---------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """Model, probe set and the audit's own identity, from provenance and config."""
+        r = self.result
+        prov, cfg = r.provenance or {}, r.config or {}
+        model = prov.get("model") if isinstance(prov.get("model"), dict) else {}
+        cfg_model = cfg.get("model")
+        arch = model.get("spec") or model.get("name") or (cfg_model if isinstance(cfg_model, str) else None) \
+            or (_find(cfg_model, ("name",)) if isinstance(cfg_model, dict) else None)
+        sha = model.get("sha256") or model.get("weights_sha256") or _find(prov, ("weights_sha256",))
+        sha_of = model.get("sha256_of") or ("weights file" if model.get("weights_sha256") else None)
+        params = model.get("parameters") or model.get("n_parameters")
+        weights = model.get("weights") or (cfg.get("weights") if isinstance(cfg.get("weights"), str) else None)
+        acts = prov.get("activations") if isinstance(prov.get("activations"), dict) else None
+        if not model and acts:  # `auditor explain`: no model, the activations file is what was audited
+            arch = arch or "activations given directly (auditor explain)"
+            weights = weights or acts.get("path")
+            sha, sha_of = sha or acts.get("sha256"), sha_of or "activations file"
+        data = prov.get("data") if isinstance(prov.get("data"), dict) else {}
+        source = cfg.get("images") if isinstance(cfg.get("images"), str) else None
+        source = data.get("source") or source or data.get("probe_set") or data.get("name") or data.get("images")
+        n_images = next((data[k] for k in ("n_used", "n_images") if _finite(data.get(k))), None) \
+            or self.probe_size()
+        labels = data.get("labels_source") or (cfg.get("labels") if isinstance(cfg.get("labels"), str) else None)
+        synth = data.get("synth") if isinstance(data.get("synth"), dict) else None
+        config_text = json.dumps(r.config or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return {
+            "model": {"architecture": arch or "not recorded", "class": model.get("class"),
+                      "kind": model.get("kind") or model.get("source"), "weights": weights,
+                      "sha256": sha, "sha256_of": sha_of, "parameters": params},
+            "probe": {"source": source, "labels": labels, "n_images": n_images,
+                      "n_unreadable": data.get("n_unreadable"),
+                      "synth": ", ".join(synth.get("artifacts") or []) if synth else None},
+            "audit": {"tool": " ".join(str(v) for v in (r.tool or {}).values()) or "auditor",
+                      "config_sha256": hashlib.sha256(config_text.encode("utf-8")).hexdigest(),
+                      "results_sha256": hashlib.sha256(r.to_json().encode("utf-8")).hexdigest(),
+                      "schema": r.schema_version, "rule_version": getattr(r, "rule_version", None),
+                      "created": r.created},
+        }
+
+    def signoff(self) -> list[tuple[str, str | None]]:
+        given = getattr(self.result, "signoff", None) or (self.result.config or {}).get("signoff") or {}
+        if not isinstance(given, dict):
+            given = {}
+        return [(label, given.get(key) or None) for key, label in
+                (("prepared_by", "Prepared by"), ("reviewed_by", "Reviewed by"), ("decision", "Decision"),
+                 ("date", "Date"))]
+
+    def threshold_rows(self) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        """Numeric thresholds with human names, and the rule texts in full (never truncated)."""
+        rows, texts = [], []
+        for key, value in (self.result.thresholds or {}).items():
+            if isinstance(value, str) or isinstance(value, (dict, list)):
+                text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+                texts.append((key, text))
+            else:
+                rows.append({"key": key, "name": THRESHOLD_NAMES.get(key, key.replace("_", " ").capitalize()),
+                             "value": fmt_num(value, 6)})
+        return rows, texts
+
+    def search(self) -> dict[str, Any]:
+        prov, cfg = self.result.provenance or {}, self.result.config or {}
+        found = prov.get("search") if isinstance(prov.get("search"), dict) else {}
+        inv = cfg.get("invert") if isinstance(cfg.get("invert"), dict) else cfg
+        return {"length": found.get("length", inv.get("length")), "beam": found.get("beam", inv.get("beam")),
+                "concepts": found.get("concepts", sum(1 for c in self.result.concepts if c.status != "excluded")),
+                "formulas_per_neuron": found.get("formulas_per_neuron"),
+                "formulas_total": found.get("formulas_total"),
+                "heldout": found.get("heldout", inv.get("heldout")),
+                "bootstrap": cfg.get("bootstrap")}
 
     def facts(self) -> list[tuple[str, str]]:
         """What was audited: best effort over the free-form provenance and config.
@@ -395,15 +610,28 @@ class _Builder:
     def layer(self, pos: int, layer: LayerResult) -> dict[str, Any]:
         artifacts = self.result.artifacts
         rows, live_auroc, live_frac, live_flag, flagged_auroc = [], [], [], [], []
+        checked = [a for a in artifacts if a in self.checked]
         for n in layer.neurons:
-            row = neuron_row(layer, n, artifacts)
+            row = neuron_row(layer, n, artifacts, self.thresholds, self.checked)
             row["anchor"] = self.anchor(pos, n.index)
             row["tokens"] = self.tokens(n.best)
             row["formula_label"] = tokens_text(row["tokens"])
-            row["flag_list"] = [{"artifact": f.artifact, "label": self.concept_label(f.artifact), "rule": f.rule}
-                                for f in n.flags]
-            row["sensitive_list"] = [self.concept_label(a) for a in n.sensitive]
+            tests = self.tests(n)
+            row["tests"] = [{"name": a, **(tests.get(a) or {"status": None, "effect": None, "effect_ci": None})}
+                            for a in checked]
+            row["statuses"] = " ".join(sorted({t["status"] for t in tests.values()} | {row["verdict"]}))
+            row["verdict_label"] = STATUS_LABEL.get(row["verdict"], row["verdict"])
             row["p_sort"] = _p_sort(row["p_adjusted"], row["log10_p"])
+            # What the filter box matches: un-negated concepts (raw and display names) and,
+            # separately, negated ones (typed as "not NAME"), so "watermark" skips NOT watermark.
+            try:
+                atoms = formula_atoms(n.best.ast) if n.best is not None else []
+            except ValueError:
+                atoms = []
+            pos_names = {x for name, neg in atoms if not neg for x in (name, self.concept_label(name))}
+            neg_names = {x for name, neg in atoms if neg for x in (name, self.concept_label(name))}
+            row["match_pos"] = "|".join(sorted(x.lower() for x in pos_names))
+            row["match_neg"] = "|".join(sorted(x.lower() for x in neg_names))
             rows.append(row)
             if n.best is not None and _finite(n.best.auroc):
                 live_auroc.append(n.best.auroc)
@@ -415,22 +643,13 @@ class _Builder:
         no_expl = [n.index for n in layer.neurons if n.status != "dead" and n.best is None]
         pdf_rows = rows
         if len(rows) > PDF_TABLE_LIMIT:
-            keep = sorted(rows, key=lambda r: (not r["flagged"], not r["sensitive"],
+            rank = {s: i for i, s in enumerate(STATUS_ORDER)}
+            keep = sorted(rows, key=lambda r: (rank.get(r["verdict"], len(rank)),
                                                -(r["auroc"] if _finite(r["auroc"]) else -1)))[:PDF_TABLE_LIMIT]
             keep_ids = {r["neuron"] for r in keep}
             pdf_rows = [r for r in rows if r["neuron"] in keep_ids]
-        # Unflagged neurons with evidence: artifact-sensitive ones (the second signal) and
-        # the strongest others (what a normal neuron looks like), as the pipeline stores them.
-        sensitive_only = [n for n in layer.neurons if n.sensitive and not n.flagged]
-        sensitive_rows = [{
-            "anchor": self.anchor(pos, n.index),
-            "neuron": n.index,
-            "tokens": self.tokens(n.best),
-            "auroc": n.best.auroc if n.best else None,
-            "artifacts": [{"label": self.concept_label(a), "auroc": n.artifact_auroc.get(a)} for a in n.sensitive],
-            "images": _images(n)[:SENSITIVE_IMAGES],
-        } for n in sensitive_only[:MAX_SENSITIVE_ROWS]]
-        reference = sorted((n for n in layer.neurons if not n.flagged and not n.sensitive and n.best is not None
+        reference = sorted((n for n in layer.neurons if worst_status(self.tests(n)) in ("clean", None)
+                            and n.best is not None
                             and (n.top_images or n.distribution is not None)),
                            key=lambda n: (-n.best.auroc, n.index))[:N_REFERENCE]  # type: ignore[union-attr]
         usage = concept_usage(layer)
@@ -449,13 +668,15 @@ class _Builder:
             "reduction": layer.reduction,
             "n_neurons": len(layer.neurons),
             "n_live": len(live_auroc),
-            "n_flagged": sum(1 for n in layer.neurons if n.flagged),
-            "n_sensitive": sum(1 for n in layer.neurons if n.sensitive),
+            "n_flagged": sum(1 for r in rows if r["verdict"] == "flagged"),
+            "counts": {st: sum(1 for r in rows if r["verdict"] == st) for st in STATUS_ORDER},
+            "artifacts": [{"name": a, "label": self.concept_label(a)} for a in checked],
             "dead": dead,
             "dead_text": ranges(dead),
             "no_explanation_text": ranges(no_expl),
             "n_no_explanation": len(no_expl),
-            "median_auroc": sorted(live_auroc)[len(live_auroc) // 2] if live_auroc else None,
+            "median_auroc": median(live_auroc),
+            "median_fraction": median(live_frac),
             "auroc_hist": self.figure(figures.auroc_histogram, live_auroc, flagged_auroc, self.auroc_threshold),
             "scatter": self.figure(figures.auroc_fraction_scatter, live_frac, live_auroc, live_flag,
                                    self.auroc_threshold),
@@ -463,51 +684,71 @@ class _Builder:
             "n_concepts_used": len(usage),
             "rows": rows,
             "pdf_rows": pdf_rows,
-            "sensitive_rows": sensitive_rows,
-            "n_sensitive_only": len(sensitive_only),
-            "sensitive_rest": ranges([n.index for n in sensitive_only[MAX_SENSITIVE_ROWS:]]),
             "reference": [self.card(pos, layer, n) for n in reference],
         }
 
     def build(self) -> dict[str, Any]:
         r = self.result
         layers = [self.layer(i, lyr) for i, lyr in enumerate(r.layers)]
-        flagged = [(i, lyr, n) for i, lyr in enumerate(r.layers) for n in lyr.neurons if n.flagged]
-        flagged.sort(key=lambda t: (t[0],
-                                    -max((f.artifact_auroc for f in t[2].flags if _finite(f.artifact_auroc)),
-                                         default=0.0),
-                                    -max((f.auroc for f in t[2].flags if _finite(f.auroc)), default=0.0),
-                                    t[2].index))
+
+        def strongest(n: NeuronResult) -> float:
+            return max((t["effect"] for t in self.tests(n).values()
+                        if t["status"] == "flagged" and _finite(t["effect"])), default=0.0)
+
+        flagged = [(i, lyr, n) for i, lyr in enumerate(r.layers) for n in lyr.neurons
+                   if worst_status(self.tests(n)) == "flagged"]
+        # Within a layer: largest artifact effect among the neuron's flags, then best-formula AUROC.
+        flagged.sort(key=lambda t: (t[0], -strongest(t[2]), -(t[2].best.auroc if t[2].best else 0.0), t[2].index))
         cards = [self.card(i, lyr, n) for i, lyr, n in flagged[:MAX_CARDS]]
+        collapse = len(cards) > CARDS_COLLAPSE_ABOVE
+        for k, c in enumerate(cards):
+            c["open"] = not collapse or k < CARDS_OPEN
         overflow = [
             {"layer": lyr.name, "neuron": n.index, "tokens": self.tokens(n.best),
-             "flags": [{"label": self.concept_label(f.artifact), "rule": f.rule, "auroc": f.auroc,
-                        "p_adjusted": f.p_adjusted} for f in n.flags]}
+             "tests": [t for t in self.test_list(n) if t["status"] == "flagged"]}
             for i, lyr, n in flagged[MAX_CARDS:]
         ]
         dora = dora_view(r, self.anchor, self.tokens, self.render_figures)
         for c in cards:  # the s-AMS strip on flagged neurons' cards
             c["dora"] = dora["cards"].get(c["anchor"]) if dora else None
         verdict = self.verdict()
-        flagged_arts = [v for v in verdict if v["status"] == "flagged"]
+        checked = [v for v in verdict if v["status"] != "not_checked"]
+        urgent = min(verdict, key=lambda v: (v["severity"], -v["n_flagged"])) if verdict else None
         excluded = [c for c in r.concepts if c.status == "excluded"]
+        thresholds, rule_texts = self.threshold_rows()
+        totals = {st: sum(v["counts"][st] for v in verdict) for st in STATUS_ORDER}
         return {
             "title": r.title,
             "created": r.created,
             "tool": r.tool,
             "schema_version": r.schema_version,
             "verdict": verdict,
+            "impact": impact_context(r),
+            "identity": self.identity(),
+            "signoff": self.signoff(),
             "overall": {
                 "flagged": bool(flagged),
                 "n_flagged": len(flagged),
                 "n_layers_flagged": len({lyr.name for _, lyr, _ in flagged}),
-                "artifacts": [v["label"] for v in flagged_arts],
+                "artifacts": [v["label"] for v in verdict if v["status"] == "flagged"],
                 "n_artifacts": len(r.artifacts),
-                "n_artifacts_checked": sum(1 for v in verdict if v["status"] not in ("excluded", "unknown")),
-                "n_sensitive": sum(1 for lyr in r.layers for n in lyr.neurons if n.sensitive),
+                "n_artifacts_checked": len(checked),
+                "n_neurons": sum(len(lyr.neurons) for lyr in r.layers),
+                "totals": totals,
+                "action": urgent["action"] if urgent else "No artifact concept was audited.",
+                "action_artifact": urgent["label"] if urgent and urgent["severity"] < 9 else None,
+                "severity": urgent["severity"] if urgent else 9,
             },
             "facts": self.facts(),
-            "thresholds": key_values(r.thresholds or {}),
+            "thresholds": thresholds,
+            "rule_texts": rule_texts,
+            "search": self.search(),
+            "glossary": GLOSSARY,
+            "actions": [{"verdict": STATUS_LABEL[v], "impact": i, "line": ACTIONS[(v, i)][1]}
+                        for v in ("flagged", "near_miss", "inconclusive", "clean", "not_checked")
+                        for i in IMPACT_LEVELS],
+            "impact_material": IMPACT_MATERIAL,
+            "status_label": STATUS_LABEL,
             "warnings": list(r.warnings),
             "cards": cards,
             "card_anchors": {c["anchor"] for c in cards} | {c["anchor"] for lyr in layers for c in lyr["reference"]},

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..results import AuditResult, LayerResult
 from .env import fmt_auroc, fmt_pct, fmt_pvalue
+from .tables import neuron_tests
 
 
 def _case_name(artifact: str) -> str:
@@ -37,17 +38,18 @@ def _evidence(layer: LayerResult, artifact: str) -> tuple[set[int], list[str]]:
             if f.artifact != artifact:
                 continue
             best = n.best
-            parts = [
-                f"neuron {n.index}: {f.formula}",
-                f"rule={f.rule}",
-                f"AUROC={fmt_auroc(f.auroc)}",
-                f"adjusted p={fmt_pvalue(f.p_adjusted)}",
-                f"artifact alone AUROC={fmt_auroc(f.artifact_auroc)}",
-            ]
-            if f.auroc_without_artifact is not None:
-                parts.append(f"without artifact AUROC={fmt_auroc(f.auroc_without_artifact)}")
-            if f.margin is not None:
-                parts.append(f"margin={fmt_auroc(f.margin)}")
+            get = lambda key, f=f: getattr(f, key, None)  # noqa: E731 - flag fields differ across rule versions
+            parts = [f"neuron {n.index}: {get('formula') or (best.formula if best else '')}"]
+            if get("rule"):
+                parts.append(f"rule={get('rule')}")
+            parts += [f"AUROC={fmt_auroc(get('auroc') if get('auroc') is not None else (best and best.auroc))}",
+                      f"adjusted p={fmt_pvalue(get('p_adjusted'))}"]
+            if get("artifact_auroc") is not None:
+                parts.append(f"artifact alone AUROC={fmt_auroc(get('artifact_auroc'))}")
+            if get("auroc_without_artifact") is not None:
+                parts.append(f"without artifact AUROC={fmt_auroc(get('auroc_without_artifact'))}")
+            if get("margin") is not None:
+                parts.append(f"margin={fmt_auroc(get('margin'))}")
             if best is not None:
                 parts.append(f"support={best.support} ({fmt_pct(best.fraction)})")
                 if best.heldout_auroc is not None:
@@ -87,11 +89,19 @@ def junit_tree(result: AuditResult) -> ET.ElementTree:
                 reason = excluded[artifact].reason or "no reason recorded"
                 ET.SubElement(case, "skipped", message=_x(f"artifact concept excluded: {reason}"))
                 s_skip += 1
-            sensitive = [n.index for n in layer.neurons if artifact in n.sensitive]
-            if sensitive:
+            close = []
+            for n in layer.neurons:
+                t = neuron_tests(n, result.artifacts, result.thresholds).get(artifact)
+                if t is not None and t["status"] in ("near_miss", "inconclusive"):
+                    close.append(f"neuron {n.index} ({t['status'].replace('_', ' ')}): {t['reason']}")
+            sensitive = [n.index for n in layer.neurons if artifact in (getattr(n, "sensitive", None) or [])]
+            if close or sensitive:
                 out = ET.SubElement(case, "system-out")
-                out.text = "artifact-sensitive neurons (artifact alone passes the AUROC threshold): " + ", ".join(
-                    str(i) for i in sensitive)
+                text = ["near misses and inconclusive neurons (not flagged):", *close] if close else []
+                if sensitive:
+                    text.append("artifact-sensitive neurons (artifact alone passes the AUROC threshold): "
+                                + ", ".join(str(i) for i in sensitive))
+                out.text = _x("\n".join(text))
         suite.set("tests", str(len(result.artifacts)))
         suite.set("failures", str(s_fail))
         suite.set("errors", "0")
@@ -99,12 +109,47 @@ def junit_tree(result: AuditResult) -> ET.ElementTree:
         total += len(result.artifacts)
         failures += s_fail
         skipped += s_skip
+    t, f, sk = _impact_suite(root, result)
+    total, failures, skipped = total + t, failures + f, skipped + sk
     root.set("tests", str(total))
     root.set("failures", str(failures))
     root.set("errors", "0")
     root.set("skipped", str(skipped))
     ET.indent(root)
     return ET.ElementTree(root)
+
+
+def _impact_suite(root: ET.Element, result: AuditResult) -> tuple[int, int, int]:
+    """One case per artifact whose impact was measured: fails when its flip rate exceeds
+    ``fail_on_impact``; skipped when no threshold was set or the outputs are not class scores."""
+    impacts = list(getattr(result, "impact", None) or [])
+    if not impacts:
+        return 0, 0, 0
+    gate = (result.config or {}).get("fail_on_impact")
+    suite = ET.SubElement(root, "testsuite", name="auditor.impact", timestamp=_x(result.created))
+    fails = skips = 0
+    for imp in impacts:
+        limit = f"{gate:g}" if isinstance(gate, (int, float)) else "X"
+        case = ET.SubElement(suite, "testcase", classname="auditor.impact", time="0",
+                             name=_x(f"artifact '{imp.artifact}' flips at most {limit} of predictions"))
+        if imp.flip_rate is None:
+            ET.SubElement(case, "skipped", message=_x(f"the model's outputs are not class scores: {imp.summary}"))
+            skips += 1
+        elif not isinstance(gate, (int, float)):
+            ET.SubElement(case, "skipped", message=_x(f"no --fail-on-impact threshold set: {imp.summary}"))
+            skips += 1
+        elif imp.flip_rate > gate:
+            failure = ET.SubElement(case, "failure", type="ArtifactImpact",
+                                    message=_x(f"flip rate {fmt_pct(imp.flip_rate)} > {fmt_pct(gate)}"))
+            failure.text = _x(imp.summary + "\ngenerator: " + str(imp.generator))
+            fails += 1
+        out = ET.SubElement(case, "system-out")
+        out.text = _x(imp.summary)
+    suite.set("tests", str(len(impacts)))
+    suite.set("failures", str(fails))
+    suite.set("errors", "0")
+    suite.set("skipped", str(skips))
+    return len(impacts), fails, skips
 
 
 def write_junit(result: AuditResult, path: str | Path) -> Path:

@@ -88,8 +88,31 @@ def make_url_fetcher(root: Path | None = None):
     return fetcher
 
 
-def html_to_pdf(html: str, path: str | Path) -> Path:
-    """Lay out ``html`` (the print variant of the report) into the PDF file ``path``."""
+#: The archival profile: PDF/A-3b (attachments allowed) with a tagged structure tree (PDF/UA).
+PDF_VARIANT = "pdf/a-3b"
+
+
+def attachments_for(result: AuditResult) -> list[tuple[str, bytes, str]]:
+    """``(file name, bytes, description)`` embedded in the PDF: results.json and the config.
+
+    ``results.json`` holds exactly the bytes :meth:`AuditResult.save` writes (and whose
+    sha256 page 1 prints); ``config.json`` is the run configuration as canonical JSON
+    (keys sorted), whose sha256 page 1 prints as the config hash.
+    """
+    import json
+
+    config = json.dumps(result.config or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return [("results.json", result.to_json().encode("utf-8"), "The audit results (auditor results schema)"),
+            ("config.json", config.encode("utf-8"), "The run configuration (canonical JSON)")]
+
+
+def html_to_pdf(html: str, path: str | Path, attachments: list[tuple[str, bytes, str]] | None = None) -> Path:
+    """Lay out ``html`` (the print variant of the report) into the archival PDF file ``path``.
+
+    PDF/A-3b with ``attachments`` embedded (relationship "Data"), tagged for
+    accessibility; title, subject, author and creation date come from the
+    document's ``<title>`` and ``<meta>`` tags.
+    """
     try:
         import weasyprint
     except ImportError as exc:  # pragma: no cover - weasyprint is a dependency
@@ -98,8 +121,11 @@ def html_to_pdf(html: str, path: str | Path) -> Path:
     root = templates_dir()
     fetcher = make_url_fetcher(root)
     document = weasyprint.HTML(string=html, base_url=str(root), url_fetcher=fetcher)
+    files = [weasyprint.Attachment(string=data, name=name, description=desc, relationship="Data")
+             for name, data, desc in attachments or []]
     try:
-        document.write_pdf(str(path))
+        document.write_pdf(str(path), pdf_variant=PDF_VARIANT, pdf_tags=True, attachments=files,
+                           uncompressed_pdf=False)
     except OSError as exc:
         raise ReportError(f"cannot write PDF report {path}: {exc}") from None
     if fetcher.refused:
@@ -111,4 +137,4 @@ def write_pdf(result: AuditResult, path: str | Path) -> Path:
     """Write the PDF report for ``result`` to ``path``."""
     from .html import render_html
 
-    return html_to_pdf(render_html(result, for_pdf=True), path)
+    return html_to_pdf(render_html(result, for_pdf=True), path, attachments_for(result))
