@@ -1,11 +1,12 @@
 """Command-line interface: thin commands that parse, call the pipeline, map errors.
 
-Exit codes: 0 the audit ran and nothing was flagged (always for ``demo``);
-1 the audit ran and neurons were flagged (``--fail-on-flag``, on by default for
-``run``); 2 the audit could not run, with one line on stderr naming the bad input —
-or any other failure (a full disk, a read-only folder, a bug: ``--debug`` shows the
-traceback); 130 interrupted by Ctrl-C; 143 stopped by SIGTERM. 1 means "flagged" and
-nothing else.
+Exit codes (a contract): 0 the audit ran and no gate the user has on failed (always for
+``demo``); 1 a gate failed: neurons were flagged (``--fail-on-flag``, on by default for
+``run`` and ``explain``), an artifact test was inconclusive (``--fail-on-inconclusive``) or
+an artifact's flip rate exceeded ``--fail-on-impact``, with stderr and junit.xml saying
+which; 2 the audit could not run, with one line on stderr naming the bad input — or any
+other failure (a full disk, a read-only folder, a bug: ``--debug`` shows the traceback);
+130 interrupted by Ctrl-C; 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         "length": "INVERT search", "beam": "INVERT search", "min_fraction": "INVERT search",
         "max_fraction": "INVERT search", "limit_search": "INVERT search", "heldout": "INVERT search",
         "seed": "INVERT search", "bootstrap": "INVERT search",
-        "flag_max_p": "flagging", "flag_min_auroc": "flagging", "artifact_auroc": "flagging",
-        "flag_margin": "flagging", "fail_on_flag": "flagging",
-        "flag_partial_auroc": "flagging", "flag_min_support": "flagging",
+        "flag_max_p": "flagging", "flag_min_effect": "flagging", "flag_strong_effect": "flagging",
+        "flag_min_artifact_rows": "flagging", "flag_strata": "flagging", "calibration_runs": "flagging",
+        "fail_on_flag": "flagging", "fail_on_inconclusive": "flagging",
         "dora": "DORA",
         "impact": "impact on the outputs", "impact_count": "impact on the outputs",
         "impact_seed": "impact on the outputs", "impact_params": "impact on the outputs",
@@ -83,6 +84,15 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         elif base in (int, float):
             kwargs["type"] = base
         group.add_argument(flag, **kwargs)
+    _add_replaced_flags(parser)
+
+
+def _add_replaced_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the old rule, hidden: given, they fail with a message naming what replaced them."""
+    from .flags import REPLACED_KEYS
+
+    for name in REPLACED_KEYS:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=argparse.SUPPRESS)
 
 
 def _base_type(ann: Any) -> Any:
@@ -98,10 +108,20 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _explain_flags(parser: argparse.ArgumentParser) -> None:
+    """The search and flag settings of ``run``, with the same defaults (from AuditConfig)."""
+    from .explain_cli import EXPLAIN_KEYS
+
+    _add_config_flags(parser, skip=tuple(k for k in __import__("auditor.config", fromlist=["FIELDS"]).FIELDS
+                                         if k not in EXPLAIN_KEYS or k == "hierarchy"))
+
+
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     from .config import FIELDS
 
-    return {k: v for k, v in vars(ns).items() if k in FIELDS and v is not None}
+    from .flags import REPLACED_KEYS
+
+    return {k: v for k, v in vars(ns).items() if (k in FIELDS or k in REPLACED_KEYS) and v is not None}
 
 
 # -- commands ------------------------------------------------------------------------
@@ -114,14 +134,23 @@ def impact_exceeded(result, threshold: float | None) -> list[str]:
             if imp.flip_rate is not None and imp.flip_rate > threshold]
 
 
-def _finish(result, written: dict[str, Path], fail_on_flag: bool, fail_on_impact: float | None = None) -> int:
+def finish(result, written: dict[str, Path], fail_on_flag: bool, fail_on_inconclusive: bool = False,
+           fail_on_impact: float | None = None) -> int:
+    """Print the verdict per artifact and the outputs; return the exit code (0, or 1 when a gate failed)."""
     summary = result.summary()
     for art, info in summary.items():
         flagged = [f"{layer}#{idx}" for layer, idx in info["flagged"]]
-        sens = len(info["sensitive"])
         verdict = f"{len(flagged)} neuron(s) flagged" + (f" ({', '.join(flagged[:8])}{' …' if len(flagged) > 8 else ''})"
                                                          if flagged else "")
-        _info(f"{art}: {verdict}; {sens} artifact-sensitive")
+        extra = f"; {len(info['near_miss'])} near miss(es); {len(info['inconclusive'])} inconclusive"
+        if info["sensitive"]:
+            extra += f"; {len(info['sensitive'])} artifact-sensitive"
+        _info(f"{art}: {verdict}{extra}")
+    cal = getattr(result, "calibration", None)
+    if cal:
+        _info(f"calibration: with the artifact labels permuted, the same rule raised {cal['mean_flags']:.1f} "
+              f"flag(s) on average (max {cal['max_flags']}) over {cal['runs']} runs, against "
+              f"{cal['real_flags']} here")
     for imp in getattr(result, "impact", []) or []:
         _info(f"impact: {imp.summary}")
     if "html" in written:
@@ -129,12 +158,22 @@ def _finish(result, written: dict[str, Path], fail_on_flag: bool, fail_on_impact
     for fmt, path in written.items():
         if fmt != "html":
             _info(f"{fmt}: {path}")
+    failed = []
+    if fail_on_flag and result.n_flagged:
+        failed.append(f"fail_on_flag: {result.n_flagged} neuron(s) flagged")
+    n_inc = sum(len(v["inconclusive"]) for v in summary.values())
+    if fail_on_inconclusive and n_inc:
+        failed.append(f"fail_on_inconclusive: {n_inc} inconclusive (neuron, artifact) test(s)")
     exceeded = impact_exceeded(result, fail_on_impact)
     if exceeded:
         _info(f"flip rate above --fail-on-impact {fail_on_impact:g} for: {', '.join(exceeded)}")
-    if (fail_on_flag and result.n_flagged) or exceeded:
-        return EXIT_FLAGGED
-    return EXIT_OK
+        failed.append(f"fail_on_impact: flip rate above {fail_on_impact:g} for {', '.join(exceeded)}")
+    for gate in failed:
+        _info(f"gate failed: {gate} (exit code 1)")
+    return EXIT_FLAGGED if failed else EXIT_OK
+
+
+_finish = finish
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
@@ -147,7 +186,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if result is None:  # worker rank of a torchrun launch: rank 0 writes the report
         return EXIT_OK
     written = result.save(cfg.out, formats=cfg.formats)
-    return _finish(result, written, cfg.fail_on_flag, cfg.fail_on_impact)
+    return finish(result, written, cfg.fail_on_flag, cfg.fail_on_inconclusive, cfg.fail_on_impact)
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
@@ -378,15 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="labels: .csv, .parquet or .npz (rows in activation order)")
     p.add_argument("--out", default="auditor-explain", help="output folder")
     p.add_argument("--artifacts", default="", help="artifact concept names, comma-separated")
-    p.add_argument("--length", type=int, default=3)
-    p.add_argument("--beam", type=int, default=5)
-    p.add_argument("--min-fraction", type=float, default=0.0)
-    p.add_argument("--max-fraction", type=float, default=0.5)
-    p.add_argument("--limit-search", type=int, default=None)
-    p.add_argument("--mode", choices=["positive", "negative"], default="positive")
-    p.add_argument("--alternative", choices=["two-sided", "greater", "less"], default="two-sided")
-    p.add_argument("--heldout", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hierarchy", default=None, help="concept hierarchy (JSON or CSV): every ancestor of a concept "
+                   "becomes a concept, and an artifact's ancestors count as the artifact")
+    _explain_flags(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--layer-name", default="activations", help="name shown for the layer in the report")
     p.add_argument("--formats", default="json,csv", help="outputs (default json,csv; add html,pdf for a report)")

@@ -216,16 +216,20 @@ class AuditConfig(BaseModel):
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for AUROC confidence intervals (0 = off)")
 
     # -- flagging --------------------------------------------------------------
-    flag_max_p: float = Field(0.01, gt=0.0, le=1.0, description="largest BH-adjusted p-value of a flagged formula")
-    flag_min_auroc: float = Field(0.7, ge=0.5, le=1.0, description="smallest AUROC of a flagged neuron's best formula")
-    artifact_auroc: float = Field(0.75, ge=0.5, le=1.0, description="AUROC the artifact alone must reach "
-                                  "(also the artifact-sensitive threshold)")
-    flag_margin: float = Field(0.05, ge=0.0, le=1.0, description="AUROC lost when the artifact is removed "
-                               "from the formula that also shows its part")
-    flag_partial_auroc: float = Field(0.6, ge=0.5, le=1.0, description="AUROC the artifact alone must reach when "
-                                      "the flag rests on the margin (a context-specific detector)")
-    flag_min_support: int = Field(10, ge=1, description="fewest images a flagged formula must hold on")
+    flag_max_p: float = Field(0.01, gt=0.0, le=1.0, description="largest Benjamini-Hochberg adjusted p-value "
+                              "(over every test of the audit) of a flagged (neuron, artifact) pair (alpha)")
+    flag_min_effect: float = Field(0.1, ge=0.0, le=0.5, description="smallest |stratified artifact AUROC - 0.5| "
+                                   "that flags a neuron whose best formula names the artifact or a container")
+    flag_strong_effect: float = Field(0.25, ge=0.0, le=0.5, description="|stratified artifact AUROC - 0.5| that "
+                                      "flags a neuron whatever its formulas say")
+    flag_min_artifact_rows: int = Field(10, ge=1, description="fewest artifact rows the tested region must hold")
+    flag_strata: int = Field(3, ge=0, le=10, description="concepts most associated with the artifact that "
+                             "stratify every test (and its calibration)")
+    calibration_runs: int = Field(20, ge=0, le=1000, description="reruns of the whole decision with the artifact "
+                                  "labels permuted (flags chance alone raises; 0 = off)")
     fail_on_flag: bool = Field(True, description="exit with code 1 when neurons are flagged")
+    fail_on_inconclusive: bool = Field(False, description="exit with code 1 when an artifact test is inconclusive "
+                                       "(no stratum where the artifact varies)")
 
     # -- DORA ---------------------------------------------------------------------
     dora: DoraSection | None = Field(None, description="DORA outlier neurons from synthetic images (off by default): "
@@ -315,6 +319,9 @@ class AuditConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> AuditConfig:
+        if self.flag_min_effect > self.flag_strong_effect:
+            raise ValueError(f"flag_min_effect ({self.flag_min_effect}) must not exceed flag_strong_effect "
+                             f"({self.flag_strong_effect})")
         if self.min_fraction > self.max_fraction:
             raise ValueError(f"min_fraction ({self.min_fraction}) must not exceed max_fraction ({self.max_fraction})")
         if self.std is not None and any(s <= 0 for s in self.std):
@@ -366,7 +373,19 @@ def _format_error(exc: ValidationError, source: str) -> str:
     return "; ".join(parts)
 
 
+def _replaced(key: str, source: str) -> ConfigError:
+    from .flags import REPLACED_KEYS
+
+    return ConfigError(f"config key {key!r} in {source} belongs to the old flag rule and was replaced: use "
+                       f"{REPLACED_KEYS[key]} (see README 'How flags work')")
+
+
 def make_config(values: dict[str, Any], source: str = "the configuration") -> AuditConfig:
+    from .flags import REPLACED_KEYS
+
+    for key in values:
+        if key in REPLACED_KEYS:
+            raise _replaced(key, source)
     try:
         return AuditConfig(**values)
     except ValidationError as exc:
@@ -421,7 +440,11 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None
     """YAML file (optional) plus overrides (flags win)."""
     values: dict[str, Any] = read_yaml(path) if path else {}
     source = str(path) if path else "the command line"
+    from .flags import REPLACED_KEYS
+
     for key in values:
+        if key in REPLACED_KEYS:
+            raise _replaced(key, source)
         if key not in FIELDS:
             raise ConfigError(f"unknown config key {key!r} in {source}"
                               + (did_you_mean(key, FIELDS) or " (see `auditor run --help` for the valid keys)"))

@@ -56,57 +56,83 @@ def load_activations(path: str) -> np.ndarray:
     return arr
 
 
+EXPLAIN_KEYS = ("length", "beam", "min_fraction", "max_fraction", "limit_search", "heldout", "seed", "hierarchy",
+                "flag_max_p", "flag_min_effect", "flag_strong_effect", "flag_min_artifact_rows", "flag_strata",
+                "calibration_runs", "fail_on_flag", "fail_on_inconclusive")
+
+
+def explain_config(ns: argparse.Namespace):
+    """The explain flags as an :class:`AuditConfig`: the same defaults and validation as ``run``."""
+    from .config import make_config
+    from .flags import REPLACED_KEYS
+
+    values = {k: getattr(ns, k) for k in EXPLAIN_KEYS if getattr(ns, k, None) is not None}
+    for old in REPLACED_KEYS:
+        if getattr(ns, old, None) is not None:
+            values[old] = getattr(ns, old)
+    values["artifacts"] = [a.strip() for a in (ns.artifacts or "").split(",") if a.strip()]
+    values["out"] = ns.out
+    values["formats"] = ns.formats
+    return make_config(values, "the command line")
+
+
+def _expand_hierarchy(path: str, label_file: str, paths, concepts, Y):
+    from .formats import LabelTable, expand, read_hierarchy
+
+    table = LabelTable(paths=list(paths) if paths is not None else [f"row {i}" for i in range(Y.shape[0])],
+                       concepts=list(concepts), labels=Y, format="explain", file=str(label_file))
+    table = expand(table, read_hierarchy(path))
+    return table.concepts, table.labels, table.warnings
+
+
 def run_explain(ns: argparse.Namespace) -> int:
-    from . import invert
+    from .cli import finish
     from .data import read_label_matrix
-    from .errors import ConfigError, did_you_mean
-    from .flags import Thresholds
-    from .pipeline import neuron_results, package_versions, small_probe_warnings, summarise_concepts, write_outputs
+    from .errors import did_you_mean
+    from .pipeline import (explain_layers, hierarchy_ancestors, package_versions, rule_of, small_probe_warnings,
+                           summarise_concepts, thresholds_plain, write_outputs)
     from .results import SCHEMA_VERSION, AuditResult, LayerResult
+    from .flags import RULE_VERSION
 
     t0 = time.perf_counter()
+    cfg = explain_config(ns)
     A = load_activations(ns.activations)
     paths, concepts, Y = read_label_matrix(ns.labels)
     if Y.shape[0] != A.shape[0]:
         raise DataError(f"labels {ns.labels} have {Y.shape[0]} rows but activations {ns.activations} have "
                         f"{A.shape[0]}; rows are matched by order, so both must describe the same images")
-    artifacts = [a.strip() for a in (ns.artifacts or "").split(",") if a.strip()]
+    warnings: list[str] = []
+    if cfg.hierarchy:
+        concepts, Y, hw = _expand_hierarchy(cfg.hierarchy, ns.labels, paths, concepts, Y)
+        warnings.extend(hw)
+    artifacts = list(cfg.artifacts)
     for a in artifacts:
         if a not in concepts:
             raise DataError(f"artifact {a!r} is not a concept in {ns.labels}{did_you_mean(a, concepts)}")
-    formats = tuple(f.strip() for f in ns.formats.split(",") if f.strip())
-    allowed = {"html", "pdf", "json", "csv", "junit"}
-    if set(formats) - allowed:
-        raise ConfigError(f"unknown format(s) {sorted(set(formats) - allowed)}; choose from {sorted(allowed)}")
     t_load = time.perf_counter() - t0
 
-    cols, usable, warnings = summarise_concepts(Y, concepts, artifacts)
+    cols, usable, excluded = summarise_concepts(Y, concepts, artifacts)
+    warnings.extend(excluded)
     for msg in small_probe_warnings(int(A.shape[0]), {a: int(Y[:, concepts.index(a)].sum()) for a in artifacts},
-                                    Thresholds(), ns.max_fraction):
+                                    rule_of(cfg), cfg.max_fraction):
         print(f"auditor: warning: {msg}", file=sys.stderr)
         warnings.append(msg)
     names = [concepts[j] for j in usable]
     Yu = Y[:, usable]
-    params = invert.InvertParams(length=ns.length, beam=ns.beam, min_fraction=ns.min_fraction,
-                                 max_fraction=ns.max_fraction, limit_search=ns.limit_search, mode=ns.mode,
-                                 alternative=ns.alternative, heldout=ns.heldout, seed=ns.seed, device=ns.device)
     t = time.perf_counter()
-    explained = invert.explain(A, Yu, names, params, progress=not ns.quiet)
+    ancestors = hierarchy_ancestors(cfg.hierarchy, artifacts) if cfg.hierarchy else {}
+    (neurons,), calibration = explain_layers([(ns.layer_name, np.asarray(A, dtype=np.float64))], Yu, names,
+                                             artifacts, cfg, device=ns.device, ancestors=ancestors,
+                                             progress=not ns.quiet)
     t_explain = time.perf_counter() - t
-    art_cols = [concepts.index(a) for a in artifacts]
-    Y_art = Y[:, art_cols]
-    if hasattr(Y_art, "toarray"):
-        Y_art = Y_art.toarray()
-    neurons = neuron_results(A, explained, Yu, names, artifacts, Y_art, Thresholds())
     dead = sum(n.status == "dead" for n in neurons)
     if dead:
         warnings.append(f"{dead} neuron(s) have a constant activation (dead) and no explanation")
     timings = {"load_s": round(t_load, 4), "explain_s": round(t_explain, 4),
                "total_s": round(time.perf_counter() - t0, 4)}
-    config = {"activations": str(ns.activations), "labels": str(ns.labels), "artifacts": artifacts,
-              "length": ns.length, "beam": ns.beam, "min_fraction": ns.min_fraction,
-              "max_fraction": ns.max_fraction, "limit_search": ns.limit_search, "mode": ns.mode,
-              "alternative": ns.alternative, "heldout": ns.heldout, "seed": ns.seed, "device": ns.device}
+    config = {"activations": str(ns.activations), "labels": str(ns.labels), "device": ns.device} | cfg.plain()
+    for key in ("model", "weights", "layer", "images", "labels_format", "synth", "cache_dir", "no_cache"):
+        config.pop(key, None)
     provenance = {"activations": {"path": str(ns.activations), "sha256": sha256_file(Path(ns.activations)),
                                   "shape": list(A.shape)},
                   "data": {"labels_file": str(ns.labels), "labels_sha256": sha256_file(Path(ns.labels)),
@@ -115,14 +141,12 @@ def run_explain(ns: argparse.Namespace) -> int:
     result = AuditResult(schema_version=SCHEMA_VERSION, tool={"name": "auditor", "version": __version__},
                          created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                          title=f"INVERT explanations of {Path(ns.activations).name}", config=config,
-                         provenance=provenance, thresholds=Thresholds().plain(), concepts=cols,
+                         provenance=provenance, thresholds=thresholds_plain(cfg, len(names)), concepts=cols,
                          artifacts=artifacts,
                          layers=[LayerResult(name=ns.layer_name, output_shape=[int(A.shape[1])], reduction="given",
                                              neurons=neurons)],
-                         warnings=warnings)
-    written = write_outputs(result, ns.out, formats)
-    for fmt, path in written.items():
-        print(f"auditor: {fmt}: {path}", file=sys.stderr)
+                         warnings=warnings, rule_version=RULE_VERSION, calibration=calibration)
+    written = write_outputs(result, ns.out, cfg.formats)
     print(f"auditor: explained {A.shape[1]} neurons × {len(names)} concepts over {A.shape[0]} images in "
           f"{timings['total_s']:.2f} s (search {t_explain:.2f} s)", file=sys.stderr)
-    return 0
+    return finish(result, written, cfg.fail_on_flag, cfg.fail_on_inconclusive)

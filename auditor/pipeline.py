@@ -1,6 +1,6 @@
 """``run_audit(config) -> AuditResult``: the one place that strings the stages together.
 
-config ─► model + layer ─► activations ─► INVERT ─► flags ─► evidence ─► AuditResult
+config ─► model + layer ─► activations ─► INVERT (both directions) ─► artifact tests ─► evidence ─► AuditResult
                 probe set (images, concept labels) ─┘
 
 Writing is separate (:func:`write_outputs`): every output is rendered into a
@@ -27,7 +27,7 @@ import numpy as np
 from . import __version__
 from .config import AuditConfig
 from .errors import AuditorWarning, ConfigError, DataError, ReportError, did_you_mean
-from .flags import PartEvidence, Thresholds, flag_neuron
+from .flags import RULE_VERSION, Rule
 from .results import (SCHEMA_VERSION, AuditResult, Concept, Distribution, Explanation, LayerResult,
                       NeuronResult, TopImage)
 
@@ -182,7 +182,6 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
     """
     import torch
 
-    from . import invert
     from .collect import build_transform, collect, state_hash
     from .data import check_artifacts
     from .models import load_model, resolve_layer
@@ -262,27 +261,24 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
     names = [probe.concepts[j] for j in usable]
     Yu = Y[:, usable]
     Y_art = used.dense_columns(list(cfg.artifacts)) if cfg.artifacts else np.zeros((N, 0), dtype=bool)
-    thresholds = thresholds_of(cfg)
     for msg in small_probe_warnings(N, {a: int(Y_art[:, i].sum()) for i, a in enumerate(cfg.artifacts)},
-                                    thresholds, cfg.max_fraction):
+                                    rule_of(cfg), cfg.max_fraction):
         log(f"warning: {msg}")
         warnings.append(msg)
 
-    results: list[LayerResult] = []
-    timings["explain_s"] = timings["evidence_s"] = 0.0
-    for name in layers:
-        layer_acts = collected.layers[name]
-        A = np.asarray(layer_acts.values[keep_rows], dtype=np.float64)
-        t = time.perf_counter()
-        device = collected.device if cfg.device != "cpu" else "cpu"
-        params = invert.InvertParams(length=cfg.length, beam=cfg.beam, min_fraction=cfg.min_fraction,
-                                     max_fraction=cfg.max_fraction, limit_search=cfg.limit_search,
-                                     heldout=cfg.heldout, seed=cfg.seed, device=device)
-        explained = invert.explain(A, Yu, names, params, progress=progress)
-        timings["explain_s"] += time.perf_counter() - t
+    t = time.perf_counter()
+    acts = [(name, np.asarray(collected.layers[name].values[keep_rows], dtype=np.float64)) for name in layers]
+    device = collected.device if cfg.device != "cpu" else "cpu"
+    ancestors = hierarchy_ancestors(cfg.hierarchy, list(cfg.artifacts)) if cfg.hierarchy else {}
+    all_neurons, calibration = explain_layers(acts, Yu, names, list(cfg.artifacts), cfg, device=device,
+                                              ancestors=ancestors, progress=progress)
+    timings["explain_s"] = time.perf_counter() - t
 
+    results: list[LayerResult] = []
+    timings["evidence_s"] = 0.0
+    for (name, A), neurons in zip(acts, all_neurons):
+        layer_acts = collected.layers[name]
         t = time.perf_counter()
-        neurons = neuron_results(A, explained, Yu, names, list(cfg.artifacts), Y_art, thresholds)
         effects = paired_effects_by_artifact(A, used.pairs, list(cfg.artifacts), used.clean_rows)
         if effects:
             neurons = [_replace(n, paired=neuron_paired(effects, n.index)) for n in neurons]
@@ -338,9 +334,10 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
     title = cfg.title or f"Audit of {loaded.spec} · {'layer' if len(layers) == 1 else 'layers'} {', '.join(layers)}"
     return AuditResult(schema_version=SCHEMA_VERSION, tool={"name": "auditor", "version": __version__},
                        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                       title=title, config=cfg.plain(), provenance=provenance, thresholds=thresholds.plain(),
+                       title=title, config=cfg.plain(), provenance=provenance,
+                       thresholds=thresholds_plain(cfg, len(names)),
                        concepts=concepts, artifacts=list(cfg.artifacts), layers=results, warnings=warnings,
-                       dora=dora, impact=impacts,
+                       rule_version=RULE_VERSION, calibration=calibration, dora=dora, impact=impacts,
                        signoff=cfg.signoff.model_dump(mode="json") if cfg.signoff is not None else None)
 
 
@@ -511,7 +508,7 @@ def search_size(n_concepts: int, cfg: AuditConfig, layer_sizes: list[int]) -> di
 
 def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, row_of, cfg, geometry,
                   Y_art=None):
-    """Histograms, bootstrap CIs and top images for flagged, sensitive and the strongest neurons.
+    """Histograms, bootstrap CIs and top images for flagged, near-miss and the strongest neurons.
 
     Flagged neurons also get a bootstrap interval of each flagged artifact's AUROC
     (every neuron already has the analytic DeLong one)."""
@@ -519,7 +516,8 @@ def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, 
     from .evidence import bootstrap_auroc_ci, data_uri, histogram, overlay, thumbnail, top_image_views
 
     neurons = list(neurons)
-    detail = [i for i, n in enumerate(neurons) if n.flags or n.sensitive]
+    detail = [i for i, n in enumerate(neurons) if n.flags or n.sensitive
+              or any(t.status == "near_miss" for t in n.artifact_tests)]
     # The strongest unflagged neurons get evidence too, so the report can show what normal looks like.
     ranked = sorted((i for i, n in enumerate(neurons) if n.explanations and i not in detail),
                     key=lambda i: -neurons[i].explanations[0].auroc)
@@ -550,6 +548,95 @@ def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, 
     return neurons
 
 
+def selection_factor(cfg, n_concepts: int) -> int:
+    """What a region test's p-value is multiplied by: the formulas the search scored per neuron
+    (both directions) when the region is tested on the rows that chose it; 1 with a held-out split."""
+    from .flags import search_size
+
+    return 1 if cfg.heldout is not None else search_size(n_concepts, cfg.length, cfg.beam, cfg.limit_search)
+
+
+def thresholds_plain(cfg, n_concepts: int) -> dict[str, Any]:
+    """The rule's thresholds as results.json records them."""
+    return rule_of(cfg).plain() | {"region_selection_factor": selection_factor(cfg, n_concepts)}
+
+
+def rule_of(cfg) -> Rule:
+    """The flag rule's thresholds from a config (``run`` and ``explain`` alike)."""
+    return Rule(alpha=cfg.flag_max_p, min_effect=cfg.flag_min_effect, strong_effect=cfg.flag_strong_effect,
+                min_artifact_rows=cfg.flag_min_artifact_rows, strata=cfg.flag_strata,
+                calibration_runs=cfg.calibration_runs, seed=cfg.seed)
+
+
+def hierarchy_ancestors(path, artifacts: list[str]) -> dict[str, list[str]]:
+    """Per artifact: its ancestors in the hierarchy file (containers of the artifact)."""
+    from .formats import read_hierarchy
+
+    h = read_hierarchy(path)
+    out: dict[str, list[str]] = {}
+    for art in artifacts:
+        seen: list[str] = []
+        stack = list(h.parents.get(art, ()))
+        while stack:
+            q = stack.pop()
+            if q not in seen:
+                seen.append(q)
+                stack.extend(h.parents.get(q, ()))
+        out[art] = seen
+    return out
+
+
+def explain_layers(acts: list[tuple[str, np.ndarray]], Yu, names: list[str], artifacts: list[str], cfg, *,
+                   device: str = "cpu", ancestors: dict[str, list[str]] | None = None,
+                   progress: bool = False) -> tuple[list[list[NeuronResult]], dict | None]:
+    """INVERT in both directions for every layer, then the flag rule over the whole audit.
+
+    The one code path of ``run`` and ``explain``: ``cfg`` is an :class:`AuditConfig`
+    (search and flag settings). Returns the neurons of every layer (with
+    ``artifact_tests`` and ``flags``) and the calibration record.
+    """
+    from . import invert
+    from .flags import Labels, flag_of, run_tests
+
+    search_rows = test_rows = None
+    if cfg.heldout is not None:
+        search_rows, test_rows = invert.heldout_split(Yu.shape[0], cfg.heldout, cfg.seed)
+    layer_neurons: list[list[NeuronResult]] = []
+    plan_input = []
+    for _name, A in acts:
+        common = dict(length=cfg.length, beam=cfg.beam, min_fraction=cfg.min_fraction,
+                      max_fraction=cfg.max_fraction, limit_search=cfg.limit_search, heldout=cfg.heldout,
+                      seed=cfg.seed, device=device)
+        pos = invert.explain(A, Yu, names, invert.InvertParams(**common), progress=progress)
+        neg = invert.explain(A, Yu, names, invert.InvertParams(mode="negative", **common), progress=progress)
+        neurons = neuron_results(A, pos, Yu, names, artifacts, negative=neg)
+        layer_neurons.append(neurons)
+        plan_input.append((A, [(n.index, n.status, [(e.formula, e.ast) for e in (n.explanations[:1]
+                                                                                  + n.negative_explanations[:1])])
+                               for n in neurons]))
+    if not artifacts:
+        return layer_neurons, None
+    labels = Labels(Yu, names)
+    decided = run_tests(plan_input, labels, artifacts, rule_of(cfg), ancestors=ancestors,
+                        search_rows=search_rows, test_rows=test_rows, selection=selection_factor(cfg, len(names)))
+    out = []
+    for li, neurons in enumerate(layer_neurons):
+        done = []
+        for pos, n in enumerate(neurons):
+            tests = decided.tests.get((li, pos), [])
+            flags = []
+            for t in tests:
+                if t.status != "flagged":
+                    continue
+                exps = n.explanations[:1] + n.negative_explanations[:1]
+                f = next((e for e in exps if e.formula in t.named_by), n.best)
+                flags.append(flag_of(t, f.formula if f else None, f.auroc if f else None,
+                                     n.artifact_auroc.get(t.artifact)))
+            done.append(_replace(n, artifact_tests=tests, flags=flags))
+        out.append(done)
+    return out, decided.calibration
+
+
 def best_possible_p(n_pos: int, n: int) -> float:
     """The smallest two-sided Mann-Whitney p-value any neuron can reach for a split of ``n``
     images into ``n_pos`` and ``n - n_pos``: the one of a perfect separation."""
@@ -562,7 +649,7 @@ def best_possible_p(n_pos: int, n: int) -> float:
     return invert.mannwhitney(np.arange(n, dtype=np.float64), y, "two-sided")[0]
 
 
-def small_probe_warnings(n: int, artifact_counts: dict[str, int], thresholds: Thresholds,
+def small_probe_warnings(n: int, artifact_counts: dict[str, int], rule: Rule,
                          max_fraction: float = 0.5) -> list[str]:
     """Say so when the probe set is too small for any finding to be evidence.
 
@@ -571,13 +658,13 @@ def small_probe_warnings(n: int, artifact_counts: dict[str, int], thresholds: Th
     alone, so the run says so instead of reporting them silently.
     """
     out: list[str] = []
-    alpha = thresholds.flag_max_p
+    alpha = rule.alpha
     best_any = best_possible_p(max(1, min(n // 2, int(max_fraction * n) or 1)), n)
-    if best_any > alpha or n < thresholds.flag_min_support:
+    if best_any > alpha or n < rule.min_artifact_rows:
         out.append(f"probe set too small for any finding: with {n} usable image(s) the smallest p-value any "
                    f"formula can reach is {best_any:.3g} (flag_max_p {alpha:g}) and a flag needs "
-                   f"{thresholds.flag_min_support} images in support; no flag can be raised, and any "
-                   "artifact-sensitive mark is chance — use a larger probe set (hundreds of images)")
+                   f"{rule.min_artifact_rows} artifact images (flag_min_artifact_rows); no flag can be raised, and "
+                   "any near miss is chance — use a larger probe set (hundreds of images)")
         return out
     for art, k in artifact_counts.items():
         p = best_possible_p(k, n)
@@ -588,10 +675,6 @@ def small_probe_warnings(n: int, artifact_counts: dict[str, int], thresholds: Th
     return out
 
 
-def thresholds_of(cfg: AuditConfig) -> Thresholds:
-    return Thresholds(flag_max_p=cfg.flag_max_p, flag_min_auroc=cfg.flag_min_auroc,
-                      artifact_auroc=cfg.artifact_auroc, flag_margin=cfg.flag_margin,
-                      flag_partial_auroc=cfg.flag_partial_auroc, flag_min_support=cfg.flag_min_support)
 
 
 def summarise_concepts(Y, concept_names: list[str], artifacts, display_names=None, descriptions=None):
@@ -629,47 +712,34 @@ def summarise_concepts(Y, concept_names: list[str], artifacts, display_names=Non
     return concepts, usable, warnings
 
 
-def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], Y_art,
-                   thresholds: Thresholds) -> list[NeuronResult]:
-    """INVERT output + artifact AUROCs + flagging rules -> one NeuronResult per neuron."""
+def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], negative=None) -> list[NeuronResult]:
+    """INVERT output (positive and, when given, negative search) + artifact AUROCs -> one NeuronResult
+    per neuron (no flags yet: :func:`explain_layers` decides them over the whole audit)."""
     from . import invert
 
     from .delong import delong_ci
 
-    Y_art = np.asarray(Y_art, dtype=bool)
+    Y_art = np.column_stack([invert.evaluate(c, Yu, names) for c in artifacts]) if artifacts \
+        else np.zeros((A.shape[0], 0), dtype=bool)
     art_auroc = invert.auroc(A, Y_art) if artifacts else np.zeros((A.shape[1], 0))
-    # Analytic (DeLong) 95% interval of each artifact's AUROC, for every neuron at once.
+    # Analytic (DeLong) 95% interval of each artifact's AUROC alone, for every neuron at once.
     art_ci = {art: delong_ci(A, Y_art[:, i])[1:] for i, art in enumerate(artifacts)}
+    neg_of = {ne.index: ne for ne in (negative or [])}
     neurons: list[NeuronResult] = []
     for ne in explained:
         k = ne.index
         a = A[:, k]
         exps = [_explanation(f) for f in ne.formulas]
         beams = [[_explanation(f) for f in beam] for beam in ne.beams] if ne.beams else None
+        neg = neg_of.get(k)
+        negs = [_explanation(f) for f in neg.formulas] if neg is not None else []
         aa = {art: float(art_auroc[k, i]) for i, art in enumerate(artifacts)}
         aa_ci = {art: (float(lo[k]), float(hi[k])) for art, (lo, hi) in art_ci.items()
                  if np.isfinite(lo[k]) and np.isfinite(hi[k])}
-        best = exps[0] if exps else None
-
-        def part(art: str, best=best, a=a) -> PartEvidence:
-            reduced = invert.remove_concept(best.ast, art)
-            y_art = Y_art[:, artifacts.index(art)]
-            if reduced is None:
-                rest = np.ones(len(a), dtype=bool)
-                without = None
-            else:
-                rest = invert.evaluate(reduced, Yu, names)
-                without = invert.auroc_vector(a, rest)
-            cond_auroc = invert.auroc_vector(a[rest], y_art[rest])
-            cond_p = invert.mannwhitney(a[rest], y_art[rest], "greater")[0] if cond_auroc == cond_auroc else None
-            return PartEvidence(auroc_without=without, conditional_auroc=cond_auroc, conditional_p=cond_p)
-
-        flags, sensitive = flag_neuron(best, aa, thresholds, part)
         stats = {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max()),
                  "frac_zero": float((a == 0).mean())}
         neurons.append(NeuronResult(index=k, status=ne.status, explanations=exps, artifact_auroc=aa,
-                                    flags=flags, sensitive=sensitive, stats=stats, beams=beams,
-                                    artifact_auroc_ci=aa_ci))
+                                    stats=stats, beams=beams, negative_explanations=negs, artifact_auroc_ci=aa_ci))
     return neurons
 
 

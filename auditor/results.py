@@ -23,7 +23,8 @@ from typing import Any
 
 from .errors import ReportError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
+READABLE_MAJORS = ("1", "2")  # render reads results written by auditor 1.x too
 
 
 def _clean(value: Any) -> Any:
@@ -193,21 +194,52 @@ class Explanation(_Record):
 
 
 @dataclass(frozen=True)
-class Flag(_Record):
-    """Why a neuron was flagged for an artifact concept."""
+class ArtifactTest(_Record):
+    """The flag rule's test of one (neuron, artifact) pair (schema 2.x; see README "How flags work")."""
 
     artifact: str
-    rule: str  # "formula" (artifact in best formula) or "sensitive" (artifact alone)
-    formula: str
-    auroc: float
-    p_adjusted: float | None
-    artifact_auroc: float
-    auroc_without_artifact: float | None  # formula with the artifact removed
-    margin: float | None  # auroc - auroc_without_artifact
-    reason: str  # one plain sentence
-    # Within the support of the formula without the artifact: artifact vs no artifact.
-    conditional_auroc: float | None = None
-    conditional_p: float | None = None
+    status: str  # "flagged" | "near_miss" | "inconclusive" | "clean"
+    branch: str | None = None  # "formula" | "strong" (flagged only)
+    direction: str | None = None  # "raises" | "lowers" (flagged and near misses)
+    effect: float | None = None  # stratified AUROC of artifact vs no artifact (0.5 = no effect)
+    effect_ci: tuple[float, float] | None = None  # 95 % normal interval (Hanley-McNeil variance per stratum)
+    p_value: float | None = None  # two-sided van Elteren p
+    p_adjusted: float | None = None  # Benjamini-Hochberg over every test of the audit
+    n_artifact: int = 0  # artifact rows in the strata that contribute
+    reason: str = ""  # one plain sentence: why flagged / the failed condition and its number
+    n_region: int | None = None  # rows tested (the region, on the test split)
+    n_strata: int | None = None  # strata where the artifact varies
+    strata: list[str] = field(default_factory=list)  # concepts whose combinations form the strata
+    named_by: list[str] = field(default_factory=list)  # best formulas naming the artifact or a container
+    heldout: bool = False  # tested on the held-out rows only
+    region: str | None = None  # "all rows" or where the reported test ran (a naming formula's flip region)
+    all_rows: dict[str, Any] | None = None  # the all-rows test when the reported one is a region's
+    region_p_value: float | None = None  # the region test's own p (p_value: the formula branch's combined p)
+    outside_p_value: float | None = None  # the test over the rows outside the region (part of the combined p)
+    effect_ci_bootstrap: tuple[float, float] | None = None  # flagged neurons: percentile bootstrap interval
+
+
+@dataclass(frozen=True)
+class Flag(_Record):
+    """A flagged artifact of a neuron (schema 2.x: the ``ArtifactTest`` numbers; 1.x: the old rule's)."""
+
+    artifact: str
+    rule: str = ""  # 2.x: the branch ("formula" | "strong"); 1.x: "formula" | "sensitive"
+    formula: str | None = None  # the best formula naming the artifact (else the best formula)
+    auroc: float | None = None  # that formula's AUROC
+    p_adjusted: float | None = None  # 2.x: the artifact test's BH-adjusted p
+    artifact_auroc: float | None = None  # AUROC of the artifact alone (information, not a criterion in 2.x)
+    auroc_without_artifact: float | None = None  # 1.x only
+    margin: float | None = None  # 1.x only
+    reason: str = ""  # one plain sentence
+    conditional_auroc: float | None = None  # 1.x only
+    conditional_p: float | None = None  # 1.x only
+    branch: str | None = None  # "formula" | "strong"
+    direction: str | None = None  # "raises" | "lowers"
+    effect: float | None = None  # stratified AUROC of artifact vs no artifact
+    effect_ci: tuple[float, float] | None = None
+    p_value: float | None = None
+    n_artifact: int | None = None
 
 
 @dataclass(frozen=True)
@@ -234,34 +266,13 @@ class Distribution(_Record):
 
 
 @dataclass(frozen=True)
-class ArtifactTest(_Record):
-    """One artifact's test on one neuron (the flag rule's verdict and its numbers).
-
-    ``status``: "flagged" | "near_miss" | "inconclusive" | "clean"; ``reason`` is one
-    plain sentence (why flagged, or the failed condition and its number).
-    """
-
-    artifact: str
-    status: str
-    branch: str | None = None  # "formula" | "strong" | None
-    direction: str | None = None  # "raises" | "lowers" | None
-    effect: float | None = None  # stratified AUROC of the artifact (0.5 = none)
-    effect_ci: tuple[float, float] | None = None  # analytic (DeLong) interval
-    p_value: float | None = None
-    p_adjusted: float | None = None
-    n_artifact: int | None = None  # probe images carrying the artifact
-    reason: str = ""
-    effect_ci_bootstrap: tuple[float, float] | None = None  # flagged neurons only
-
-
-@dataclass(frozen=True)
 class NeuronResult(_Record):
     index: int  # 0-based channel
     status: str  # "ok" | "dead"
     explanations: list[Explanation] = field(default_factory=list)  # ranked, best first
     artifact_auroc: dict[str, float] = field(default_factory=dict)
     flags: list[Flag] = field(default_factory=list)
-    sensitive: list[str] = field(default_factory=list)  # artifacts whose AUROC alone passes
+    sensitive: list[str] = field(default_factory=list)  # 1.x only: artifacts whose AUROC alone passed
     top_images: list[TopImage] = field(default_factory=list)
     distribution: Distribution | None = None
     stats: dict[str, float] = field(default_factory=dict)  # mean, std, min, max, frac_zero
@@ -273,7 +284,12 @@ class NeuronResult(_Record):
     artifact_auroc_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Per flagged artifact: percentile bootstrap 95% interval of ``artifact_auroc``.
     artifact_auroc_ci_bootstrap: dict[str, tuple[float, float]] = field(default_factory=dict)
-    artifact_tests: list[ArtifactTest] = field(default_factory=list)  # one per artifact (flag rule 2.x)
+    # Schema 2.x: the flag rule's test of every artifact, and the negative (lowest-AUROC) search's formulas.
+    artifact_tests: list[ArtifactTest] = field(default_factory=list)
+    negative_explanations: list[Explanation] = field(default_factory=list)
+
+    def test(self, artifact: str) -> ArtifactTest | None:
+        return next((t for t in self.artifact_tests if t.artifact == artifact), None)
 
     @property
     def best(self) -> Explanation | None:
@@ -411,17 +427,20 @@ class AuditResult(_Record):
         return [n for lyr in layers for n in lyr.neurons if n.flags]
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """Per artifact concept: flagged and artifact-sensitive neurons."""
+        """Per artifact concept: (layer, neuron) lists by status (``sensitive``: 1.x files only)."""
         out: dict[str, dict[str, Any]] = {}
         for art in self.artifacts:
-            flagged, sensitive = [], []
+            got: dict[str, list] = {"flagged": [], "near_miss": [], "inconclusive": [], "sensitive": []}
             for lyr in self.layers:
                 for n in lyr.neurons:
-                    if any(f.artifact == art and f.rule == "formula" for f in n.flags):
-                        flagged.append((lyr.name, n.index))
+                    t = n.test(art)
+                    if any(f.artifact == art and f.rule != "sensitive" for f in n.flags):
+                        got["flagged"].append((lyr.name, n.index))
+                    elif t is not None and t.status in ("near_miss", "inconclusive"):
+                        got[t.status].append((lyr.name, n.index))
                     if art in n.sensitive:
-                        sensitive.append((lyr.name, n.index))
-            out[art] = {"flagged": flagged, "sensitive": sensitive}
+                        got["sensitive"].append((lyr.name, n.index))
+            out[art] = got
         return out
 
     @property
@@ -488,10 +507,11 @@ class AuditResult(_Record):
         if not isinstance(data, dict) or "schema_version" not in data:
             raise ReportError(f"{path} is not an auditor results file (no 'schema_version')")
         major = str(data["schema_version"]).split(".")[0]
-        if major != SCHEMA_VERSION.split(".")[0]:
+        if major not in READABLE_MAJORS:
             raise ReportError(
                 f"{path} has schema_version {data['schema_version']!r}; this auditor reads "
-                f"{SCHEMA_VERSION.split('.')[0]}.x — re-run the audit or use a matching auditor version"
+                f"{' and '.join(m + '.x' for m in READABLE_MAJORS)} — re-run the audit or use a matching "
+                "auditor version"
             )
         try:
             check_values(data)

@@ -49,7 +49,7 @@ def audits(colour_probe, tmp_path_factory):
     base = tmp_path_factory.mktemp("cmp")
     out = {}
     for name, model, extra in (("base", ColourNet(), {}), ("clean", no_stamp(), {}), ("perm", permuted(), {}),
-                               ("strict", ColourNet(), {"flag_min_auroc": 0.9})):
+                               ("strict", ColourNet(), {"flag_strong_effect": 0.4})):
         r = auditor.audit(model, layer="act", images=images, labels=labels, artifacts=["stamp"], normalize=False,
                           bootstrap=0, device="cpu", cache_dir=str(base / "cache"), **extra)
         r.save(base / name, formats=["json"])
@@ -96,7 +96,7 @@ def test_permuted_channels_by_index_vs_by_activations(audits):
 
 def test_threshold_difference_is_stated_first(audits, tmp_path, capsys):
     cmp = auditor.compare(audits["base"], audits["strict"])
-    assert len(cmp.differences) == 1 and cmp.differences[0].startswith("DIFFERENT THRESHOLDS: flag_min_auroc 0.7 -> 0.9")
+    assert len(cmp.differences) == 1 and cmp.differences[0].startswith("DIFFERENT THRESHOLDS: flag_strong_effect 0.25 -> 0.4")
     main(["compare", str(audits["base"]), str(audits["strict"]), "--out", str(tmp_path / "o"), "--formats", "html"])
     assert "WARNING: DIFFERENT THRESHOLDS" in capsys.readouterr().err
     html = (tmp_path / "o" / "compare.html").read_text()

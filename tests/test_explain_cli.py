@@ -33,10 +33,17 @@ def test_explain_matches_the_engine(saved, labels, capsys):
     out = d / f"out-{labels}"
     rc = main(["explain", "--activations", str(d / "acts.npy"), "--labels", str(d / labels),
                "--artifacts", "wm", "--length", "2", "--beam", "3", "--out", str(out), "-q"])
-    assert rc == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 1, err  # neuron 0 is flagged and explain gates on flags like run (fail_on_flag)
+    assert "gate failed: fail_on_flag: 1 neuron(s) flagged" in err
     data = json.loads((out / "results.json").read_text())
     neurons = data["layers"][0]["neurons"]
-    ref = invert.explain(A, Y, names, invert.InvertParams(length=2, beam=3))
+    # the same defaults as `run` (min_fraction 0.01), and the lowering side searched too
+    assert data["config"]["min_fraction"] == 0.01
+    ref = invert.explain(A, Y, names, invert.InvertParams(length=2, beam=3, min_fraction=0.01))
+    neg = invert.explain(A, Y, names, invert.InvertParams(length=2, beam=3, min_fraction=0.01, mode="negative"))
+    for got, want in zip(neurons, neg):
+        assert [e["formula"] for e in got["negative_explanations"]] == [f.text for f in want.formulas]
     for got, want in zip(neurons, ref):
         assert got["status"] == want.status
         assert [e["formula"] for e in got["explanations"]] == [f.text for f in want.formulas]
@@ -50,7 +57,7 @@ def test_explain_renders_a_report_without_images(saved, capsys):
     d, *_ = saved
     out = d / "report"
     rc = main(["explain", "--activations", str(d / "acts.npy"), "--labels", str(d / "labels.npz"),
-               "--artifacts", "wm", "--out", str(out), "--formats", "html,json", "-q"])
+               "--artifacts", "wm", "--out", str(out), "--formats", "html,json", "--no-fail-on-flag", "-q"])
     assert rc == 0, capsys.readouterr().err
     html = (out / "report.html").read_text()
     assert "neuron 0" in html and "wm" in html

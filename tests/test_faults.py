@@ -360,15 +360,15 @@ def test_sigterm_while_collecting_leaves_no_temporary_files(colour_args, tmp_pat
 def test_small_probe_warnings_follow_the_exact_test():
     from scipy.stats import mannwhitneyu
 
-    from auditor.flags import Thresholds
+    from auditor.flags import Rule
     from auditor.pipeline import small_probe_warnings
 
-    th = Thresholds()
+    th = Rule()
     assert "too small for any finding" in small_probe_warnings(2, {"stamp": 1}, th)[0]
-    assert "too small for any finding" in small_probe_warnings(9, {"stamp": 4}, th)[0]  # < flag_min_support
+    assert "too small for any finding" in small_probe_warnings(9, {"stamp": 4}, th)[0]  # < flag_min_artifact_rows
     # 160 images, the artifact on 1: a perfect separation has exact p = 2/160 > 0.01 -> warned.
     exact = mannwhitneyu([1.0], [0.0] * 159, method="exact").pvalue
-    assert exact == pytest.approx(2 / 160) and exact > th.flag_max_p
+    assert exact == pytest.approx(2 / 160) and exact > th.alpha
     (msg,) = small_probe_warnings(160, {"stamp": 1, "text": 40}, th)
     assert "artifact 'stamp' is on 1 of 160" in msg and "0.0125" in msg
     assert small_probe_warnings(160, {"stamp": 2, "text": 40}, th) == []  # exact p = 2/C(160,2) passes

@@ -35,13 +35,14 @@ def test_planted_artifact_neuron_is_flagged_and_others_are_not(colour_run):
     neurons = result.layers[0].neurons
     assert [n.index for n in neurons if n.flags] == [2]
     flag = neurons[2].flags[0]
-    assert flag.artifact == "stamp" and flag.rule == "formula"
-    assert flag.artifact_auroc >= 0.95 and flag.p_adjusted < 1e-6
+    assert flag.artifact == "stamp" and flag.branch == "formula" and flag.direction == "raises"
+    assert flag.artifact_auroc >= 0.95 and flag.p_adjusted < 1e-6 and flag.effect >= 0.9
     assert neurons[2].explanations[0].formula.startswith("stamp")
     for k, colour in ((0, "red"), (1, "green"), (3, "blue")):
         assert neurons[k].explanations[0].formula == colour
-        assert not neurons[k].flags and "stamp" not in neurons[k].sensitive
+        assert not neurons[k].flags and neurons[k].test("stamp").status != "flagged"
     assert "stamp: 1 neuron(s) flagged (act#2)" in err
+    assert "gate failed: fail_on_flag: 1 neuron(s) flagged" in err
 
 
 def test_reported_numbers_match_independent_computation(colour_run, colour_probe):
@@ -80,7 +81,8 @@ def test_outputs_and_schema(colour_run):
     manifest = json.loads((out / ".auditor-manifest.json").read_text())
     assert sorted(manifest["files"]) == ["junit.xml", "neurons.csv", "results.json"]
     data = json.loads((out / "results.json").read_text())
-    assert data["schema_version"] == "1.0"
+    assert data["schema_version"] == "2.0" and data["rule_version"] == "2.0"
+    assert data["calibration"]["runs"] == 20 and len(data["calibration"]["flags_per_run"]) == 20
     for key in ("concepts", "artifacts", "config", "provenance", "layers", "thresholds"):
         assert key in data
     prov = data["provenance"]
@@ -94,7 +96,12 @@ def test_outputs_and_schema(colour_run):
     expl = neuron["explanations"][0]
     for key in ("formula", "length", "auroc", "fraction", "support", "p_value", "p_adjusted"):
         assert key in expl
-    assert {"artifact", "rule", "reason"} <= set(neuron["flags"][0])
+    assert {"artifact", "rule", "reason", "branch", "direction", "effect", "p_adjusted"} <= set(neuron["flags"][0])
+    for n in data["layers"][0]["neurons"]:  # every pair's numbers are stored
+        (t,) = n["artifact_tests"]
+        assert t["artifact"] == "stamp" and t["status"] in ("flagged", "near_miss", "inconclusive", "clean")
+        assert {"branch", "direction", "effect", "effect_ci", "p_value", "p_adjusted", "n_artifact",
+                "reason"} <= set(t)
     rows = list(csv.DictReader(open(out / "neurons.csv")))
     assert len(rows) == 4
     # One run folder (the published one), nothing else; the cache is outside --out.

@@ -233,7 +233,7 @@ def test_junit_one_case_per_artifact_and_layer(result, rendered):
                 listed = sorted(int(i) for i in re.findall(r"^neuron (\d+):", failure.text, re.M))
                 assert listed == flagged
                 assert "AUROC=" in failure.text and "adjusted p=" in failure.text
-                assert failure.get("message").startswith(f"{len(flagged)} neuron")
+                assert failure.get("message").startswith(f"gate fail_on_flag: {len(flagged)} neuron")
             else:
                 assert failure is None, (layer.name, artifact)
         assert int(suite.get("failures")) == sum(1 for c in cases if c.find("failure") is not None)

@@ -164,6 +164,16 @@ def _chunk_size(params: InvertParams, N: int, C: int, K: int, backend: str, dev:
 # ----------------------------------------------------------------------------- explain
 
 
+def heldout_split(N: int, heldout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(search rows, held-out rows), sorted: the split :func:`explain` uses for ``heldout``/``seed``."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(N)
+    n_hold = min(N - 2, max(2, int(round(heldout * N))))
+    if n_hold < 2 or N - n_hold < 2:
+        raise DataError(f"heldout={heldout} leaves too few images in a split (N={N})")
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
 def explain(
     activations,
     labels,
@@ -201,13 +211,7 @@ def explain(
     search_rows = hold_rows = None
     lm_s, lm_h = lm, None
     if params.heldout is not None:
-        rng = np.random.default_rng(params.seed)
-        perm = rng.permutation(N)
-        n_hold = min(N - 2, max(2, int(round(params.heldout * N))))
-        if n_hold < 2 or N - n_hold < 2:
-            raise DataError(f"heldout={params.heldout} leaves too few images in a split (N={N})")
-        hold_rows = np.sort(perm[:n_hold])
-        search_rows = np.sort(perm[n_hold:])
+        search_rows, hold_rows = heldout_split(N, params.heldout, params.seed)
         lm_s, lm_h = lm.rows(search_rows), lm.rows(hold_rows)
     Ns = lm_s.N
 
@@ -418,4 +422,4 @@ def mannwhitney(a, y, alternative: str = "two-sided") -> tuple[float, float]:
     return float(p), float(lp)
 
 
-__all__ = ["explain", "auroc", "auroc_vector", "mannwhitney"]
+__all__ = ["explain", "heldout_split", "auroc", "auroc_vector", "mannwhitney"]

@@ -83,19 +83,28 @@ THRESHOLD_NAMES = {
     "flag_min_support": "Fewest images a flagged formula must hold on",
     "min_effect": "Smallest artifact effect of a flag",
     "near_miss": "Near-miss band",
+    "rule_version": "Flag rule version",
+    "flag_min_effect": "Formula branch: smallest |stratified effect - 0.5|",
+    "flag_strong_effect": "Strong branch: smallest |stratified effect - 0.5|",
+    "flag_min_artifact_rows": "Fewest artifact images in the tested rows",
+    "flag_strata": "Concepts most associated with the artifact, stratified on",
+    "calibration_runs": "Calibration runs (permuted artifact labels)",
+    "region_selection_factor": "Region p-value multiplier (formulas the search scored)",
 }
 
 GLOSSARY = [
     ("AUROC", "Area under the ROC curve: the chance that a random image where the formula (or artifact) holds "
               "activates the neuron more than a random image where it does not; ties count half. 0.5 is no "
               "relation, 1.0 a perfect detector."),
-    ("Artifact effect", "The AUROC of the artifact concept alone as a predictor of the neuron (stratified by "
-                        "the rest of the formula where the flag rule says so). 0.5 = no effect; its 95% "
-                        "interval is analytic (DeLong) for every neuron, bootstrap for flagged neurons."),
+    ("Artifact effect", "Flag rule 2.x: the AUROC of 'image has the artifact' as a predictor of the neuron "
+                        "within strata of the concepts it travels with, combined with van Elteren weights "
+                        "(0.5 = no effect; 95% normal interval, Hanley-McNeil variance per stratum). 1.x files: "
+                        "the AUROC of the artifact alone, with its DeLong interval."),
     ("p-value", "Mann-Whitney U test of 'activations where the formula holds and where it does not come from "
                 "the same distribution'. Tiny values are written from their logarithm (3.6e-1235)."),
-    ("BH (adjusted p)", "Benjamini-Hochberg adjustment across the neurons of a layer: among neurons called "
-                        "significant at level q, the expected share of false discoveries is at most q."),
+    ("BH (adjusted p)", "Benjamini-Hochberg adjustment: among findings called significant at level q, the "
+                        "expected share of false discoveries is at most q. Formula p-values are adjusted across "
+                        "the neurons of a layer; the flag rule's artifact tests across every test of the audit."),
     ("Support", "The number of probe images where the formula holds (fraction: the same as a share of all "
                 "probe images). A high AUROC on a small support rests on few images."),
     ("Beam", "INVERT keeps the B best formulas (the beam) at each length and extends only those; B is the "
@@ -742,6 +751,10 @@ class _Builder:
             "facts": self.facts(),
             "thresholds": thresholds,
             "rule_texts": rule_texts,
+            "rule": r.thresholds or {},
+            "rule_version": r.rule_version,
+            "calibration": r.calibration,
+            "config_heldout": (r.config or {}).get("heldout"),
             "search": self.search(),
             "glossary": GLOSSARY,
             "actions": [{"verdict": STATUS_LABEL[v], "impact": i, "line": ACTIONS[(v, i)][1]}

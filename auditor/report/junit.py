@@ -38,6 +38,16 @@ def _evidence(layer: LayerResult, artifact: str) -> tuple[set[int], list[str]]:
             if f.artifact != artifact:
                 continue
             best = n.best
+            if getattr(f, "effect", None) is not None:  # rule 2.x: the stratified artifact test
+                parts = [f"neuron {n.index}: {f.direction} ({f.branch} branch)",
+                         f"stratified effect={fmt_auroc(f.effect)}",
+                         f"adjusted p={fmt_pvalue(f.p_adjusted)}",
+                         f"artifact rows={f.n_artifact}"]
+                if f.formula:
+                    parts.append(f"formula={f.formula}")
+                lines.append("; ".join(parts) + (f"\n    {f.reason}" if f.reason else ""))
+                neurons.add(n.index)
+                continue
             get = lambda key, f=f: getattr(f, key, None)  # noqa: E731 - flag fields differ across rule versions
             parts = [f"neuron {n.index}: {get('formula') or (best.formula if best else '')}"]
             if get("rule"):
@@ -78,11 +88,22 @@ def junit_tree(result: AuditResult) -> ET.ElementTree:
             case = ET.SubElement(suite, "testcase", classname=_x(f"auditor.{layer.name}"),
                                  name=_x(_case_name(artifact)), time="0")
             flagged, evidence = _evidence(layer, artifact)
-            if flagged:
-                n = len(flagged)
-                failure = ET.SubElement(case, "failure", type="ArtifactDetector",
-                                        message=_x(f"{n} neuron{'s' if n != 1 else ''} in {layer.name} "
-                                                   f"flagged for artifact '{artifact}'"))
+            inconclusive = [(n.index, t) for n in layer.neurons
+                            if (t := n.test(artifact)) is not None and t.status == "inconclusive"]
+            gate_inconclusive = bool((result.config or {}).get("fail_on_inconclusive")) and inconclusive
+            if flagged or gate_inconclusive:
+                msgs = []
+                if flagged:
+                    n = len(flagged)
+                    msgs.append(f"gate fail_on_flag: {n} neuron{'s' if n != 1 else ''} in {layer.name} "
+                                f"flagged for artifact '{artifact}'")
+                if gate_inconclusive:
+                    msgs.append(f"gate fail_on_inconclusive: {len(inconclusive)} inconclusive test(s) of "
+                                f"'{artifact}' in {layer.name}")
+                    evidence = evidence + [f"neuron {i}: {t.reason}" for i, t in inconclusive]
+                failure = ET.SubElement(case, "failure",
+                                        type="ArtifactDetector" if flagged else "InconclusiveArtifactTest",
+                                        message=_x("; ".join(msgs)))
                 failure.text = _x("\n".join(evidence))
                 s_fail += 1
             elif artifact in excluded:
