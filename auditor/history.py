@@ -64,7 +64,9 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 def artifact_summary(result: AuditResult, strongest: int = 3) -> dict[str, dict[str, Any]]:
-    """Per artifact: flagged and sensitive neuron counts, impact numbers, the strongest flagged neurons."""
+    """Per artifact: neuron counts per status (flagged, near miss, inconclusive; ``sensitive`` for 1.x
+    files), impact numbers, and the strongest flagged neurons (largest |effect - 0.5| of the flag rule's
+    stratified artifact test; the artifact's AUROC alone for 1.x files)."""
     impact: dict[str, Any] = {}
     for item in getattr(result, "impact", None) or []:
         d = item if isinstance(item, dict) else (item.to_dict() if hasattr(item, "to_dict") else vars(item))
@@ -72,22 +74,31 @@ def artifact_summary(result: AuditResult, strongest: int = 3) -> dict[str, dict[
             abl = d.get("ablation") or {}
             impact[d["artifact"]] = {"flip_rate": d.get("flip_rate"), "control_flip_rate": d.get("control_flip_rate"),
                                      "share_carried": abl.get("share_carried") if isinstance(abl, dict) else None}
+    by_status = result.summary()
     out: dict[str, dict[str, Any]] = {}
     for art in result.artifacts:
         hits = []
-        sensitive = 0
+        counts = by_status.get(art, {})
+        flagged = set(counts.get("flagged", []))
         for lyr in result.layers:
             for n in lyr.neurons:
                 f = next((f for f in n.flags if f.artifact == art), None)
-                if f is not None:
-                    a = f.artifact_auroc if isinstance(f.artifact_auroc, (int, float)) else 0.0
-                    hits.append((a, lyr.name, n.index, n.best.formula if n.best else f.formula))
-                if art in n.sensitive:
-                    sensitive += 1
+                if f is None or (lyr.name, n.index) not in flagged:
+                    continue
+                effect = getattr(f, "effect", None)
+                if isinstance(effect, (int, float)):
+                    strength = abs(float(effect) - 0.5)
+                else:
+                    strength = float(f.artifact_auroc) if isinstance(f.artifact_auroc, (int, float)) else 0.0
+                hits.append((strength, lyr.name, n.index, n.best.formula if n.best else f.formula, effect,
+                             f.direction if hasattr(f, "direction") else None))
         hits.sort(key=lambda h: (-h[0], h[1], h[2]))
-        out[art] = {"flagged": len(hits), "sensitive": sensitive, "impact": impact.get(art),
-                    "strongest": [{"layer": lyr, "neuron": i, "artifact_auroc": round(float(a), 4), "formula": fm}
-                                  for a, lyr, i, fm in hits[:strongest]]}
+        out[art] = {"flagged": len(hits), "near_miss": len(counts.get("near_miss", [])),
+                    "inconclusive": len(counts.get("inconclusive", [])),
+                    "sensitive": len(counts.get("sensitive", [])), "impact": impact.get(art),
+                    "strongest": [{"layer": lyr, "neuron": i, "strength": round(st, 4), "formula": fm,
+                                   "effect": None if eff is None else round(float(eff), 4), "direction": d}
+                                  for st, lyr, i, fm, eff, d in hits[:strongest]]}
     return out
 
 

@@ -3,7 +3,14 @@
 # Run from the repository root after `bash .ci/install`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/auditor demo --quiet --device cpu --out sample_reports
+# --out is owned by auditor (its outputs are links into .auditor/): audit into a scratch folder
+# and copy the files themselves here.
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+.venv/bin/auditor demo --quiet --device cpu --out "$tmp/out" --cache-dir "$tmp/cache"
+for f in report.html report.pdf results.json neurons.csv junit.xml; do
+  cp -L "$tmp/out/$f" "sample_reports/$f"
+done
 .venv/bin/python - <<'PY'
 from pathlib import Path
 from playwright.sync_api import sync_playwright

@@ -251,3 +251,26 @@ h.record(r, source="api", _before_commit=lambda: os._exit(9))
         History(tmp_path / "junk.sqlite")
     assert main(["history", str(tmp_path / "missing.sqlite")]) == 2
     sqlite3.connect(db).close()
+
+
+def test_history_counts_rule_2_statuses_and_ranks_flags_by_effect():
+    """The history row's per-artifact counts are the result's own statuses (rule 2.x); 1.x files keep
+    their artifact-sensitive count; the strongest flags come first by |effect - 0.5|."""
+    from report_fixtures import make_result
+
+    from auditor.history import artifact_summary
+
+    for v2 in (True, False):
+        result = make_result(v2=v2)
+        summary = artifact_summary(result)
+        by_status = result.summary()
+        for art in result.artifacts:
+            for key in ("flagged", "near_miss", "inconclusive", "sensitive"):
+                assert summary[art][key] == len(by_status[art][key]), (v2, art, key)
+        if v2:
+            assert any(summary[a]["near_miss"] for a in result.artifacts)
+            wm = summary["watermark"]["strongest"]
+            strengths = [s["strength"] for s in wm]
+            assert wm and strengths == sorted(strengths, reverse=True)
+        else:
+            assert any(summary[a]["sensitive"] for a in result.artifacts)

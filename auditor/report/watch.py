@@ -47,7 +47,7 @@ def index_context(rows: list[dict[str, Any]], *, folder: str, reports: Path) -> 
                 continue
             n = info.get("flagged") or 0
             impact = info.get("impact") or {}
-            points.append({"audit": a, "flagged": n, "sensitive": info.get("sensitive") or 0,
+            points.append({"audit": a, "flagged": n, "near_miss": info.get("near_miss") or 0,
                            "delta": None if prev is None else n - prev, "share": round(100 * n / peak, 1),
                            "flip_rate": impact.get("flip_rate"), "share_carried": impact.get("share_carried"),
                            "strongest": info.get("strongest") or []})
