@@ -358,7 +358,10 @@ def cmd_watch(ns: argparse.Namespace) -> int:
 
 # -- parser ----------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; ``only`` = the command about to run: the other commands' option
+    lists, which need the config schema (pydantic) and the artifact registry, are left out
+    so that a quick command starts quickly."""
     parser = argparse.ArgumentParser(
         prog="auditor",
         description="Audit a trained PyTorch image model neuron by neuron: INVERT explanations, "
@@ -386,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "given as a flag (dashes) or in the YAML file (underscores); flags win.")
     p.add_argument("config", nargs="?", default=None, help="YAML config file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    _add_config_flags(p)
+    if only in (None, "run"):
+        _add_config_flags(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("dora", help="DORA: outlier neurons from synthetic activation-maximisation images (no labels)",
@@ -421,12 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "becomes a concept, and an artifact's ancestors count as the artifact")
     _explain_flags(p)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--neurons", default=None, metavar="SPEC",
+                   help="explain only these neurons: indices and start:stop ranges, e.g. 0:64,100 (default: all)")
     p.add_argument("--layer-name", default="activations", help="name shown for the layer in the report")
     p.add_argument("--formats", default="json,csv", help="outputs (default json,csv; add html,pdf for a report)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_explain)
-
-    from .artifacts import available_artifacts
 
     p = sub.add_parser("synth", help="write copies of clean probe images carrying artifacts, with labels `run` reads",
                        description="Paste artifacts (watermark, text, border, timestamp or plugin generators) onto a "
@@ -439,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["auto", "wide", "long", "folders", "coco", "npz"])
     p.add_argument("--out", required=True, help="output folder (not inside --images)")
     p.add_argument("--artifacts", required=True,
-                   help=f"generators, comma-separated (registered: {', '.join(available_artifacts())})")
+                   help="generators, comma-separated (registered: "
+                        f"{', '.join(_available_artifacts()) if only in (None, 'synth') else '…'})")
     p.add_argument("--fraction", default=None, help="fraction of the clean images that get each artifact, or per "
                    "artifact: watermark=0.5,text=0.2 (default 0.5)")
     p.add_argument("--count", type=int, default=None, metavar="M",
@@ -520,6 +525,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _available_artifacts() -> list[str]:
+    from .artifacts import available_artifacts
+
+    return available_artifacts()
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in argv (its first word that is not an option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def os_error_line(exc: OSError) -> str:
     """One line for an OSError that reached the CLI: what happened, the path, what to do."""
     where = f" {exc.filename}" if exc.filename is not None else ""
@@ -539,7 +555,8 @@ def os_error_line(exc: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     from . import interrupt
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_command_of(argv))
     ns = parser.parse_args(argv)
     if not getattr(ns, "func", None):
         parser.print_help()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .columns import check_finite
 from .data import sha256_file
 from .errors import DataError
 
@@ -51,9 +52,33 @@ def load_activations(path: str) -> np.ndarray:
                         "reduce spatial dimensions first (e.g. mean over H, W)")
     if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
         raise DataError(f"activations {p} have dtype {arr.dtype}; expected numbers")
-    if not np.isfinite(np.asarray(arr[: min(len(arr), 100000)], dtype=np.float64)).all():
-        raise DataError(f"activations {p} contain NaN or infinite values")
+    check_finite(arr, f"activations {p}")  # in slabs of rows: a memmap is never copied whole
     return arr
+
+
+def parse_neurons(spec: str | None, K: int) -> list[int] | None:
+    """``--neurons``: indices and half-open ranges, e.g. ``0:64,100,200:210``; None = all."""
+    if spec is None or not spec.strip():
+        return None
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if ":" in part:
+                lo, hi = part.split(":", 1)
+                lo_i, hi_i = int(lo or 0), int(hi) if hi else K
+                if lo_i < 0 or hi_i > K or lo_i >= hi_i:
+                    raise ValueError
+                out.extend(range(lo_i, hi_i))
+            else:
+                i = int(part)
+                if not 0 <= i < K:
+                    raise ValueError
+                out.append(i)
+        except ValueError:
+            raise DataError(f"--neurons {spec!r}: {part!r} is not a neuron index or range (start:stop) "
+                            f"within 0..{K}") from None
+    return sorted(set(out))
 
 
 EXPLAIN_KEYS = ("length", "beam", "min_fraction", "max_fraction", "limit_search", "heldout", "seed", "hierarchy",
@@ -119,11 +144,13 @@ def run_explain(ns: argparse.Namespace) -> int:
         warnings.append(msg)
     names = [concepts[j] for j in usable]
     Yu = Y[:, usable]
+    which = parse_neurons(getattr(ns, "neurons", None), A.shape[1])
     t = time.perf_counter()
     ancestors = hierarchy_ancestors(cfg.hierarchy, artifacts) if cfg.hierarchy else {}
-    (neurons,), calibration = explain_layers([(ns.layer_name, np.asarray(A, dtype=np.float64))], Yu, names,
+    # A as loaded (a float32 memmap for .npy): the engine and the statistics read it in blocks
+    (neurons,), calibration = explain_layers([(ns.layer_name, A)], Yu, names,
                                              artifacts, cfg, device=ns.device, ancestors=ancestors,
-                                             progress=not ns.quiet)
+                                             progress=not ns.quiet, subset=which)
     t_explain = time.perf_counter() - t
     dead = sum(n.status == "dead" for n in neurons)
     if dead:
@@ -133,6 +160,8 @@ def run_explain(ns: argparse.Namespace) -> int:
     config = {"activations": str(ns.activations), "labels": str(ns.labels), "device": ns.device} | cfg.plain()
     for key in ("model", "weights", "layer", "images", "labels_format", "synth", "cache_dir", "no_cache"):
         config.pop(key, None)
+    if which is not None:
+        config["neurons"] = ns.neurons
     provenance = {"activations": {"path": str(ns.activations), "sha256": sha256_file(Path(ns.activations)),
                                   "shape": list(A.shape)},
                   "data": {"labels_file": str(ns.labels), "labels_sha256": sha256_file(Path(ns.labels)),
@@ -147,6 +176,6 @@ def run_explain(ns: argparse.Namespace) -> int:
                                              neurons=neurons)],
                          warnings=warnings, rule_version=RULE_VERSION, calibration=calibration)
     written = write_outputs(result, ns.out, cfg.formats)
-    print(f"auditor: explained {A.shape[1]} neurons × {len(names)} concepts over {A.shape[0]} images in "
+    print(f"auditor: explained {len(neurons)} neurons × {len(names)} concepts over {A.shape[0]} images in "
           f"{timings['total_s']:.2f} s (search {t_explain:.2f} s)", file=sys.stderr)
     return finish(result, written, cfg.fail_on_flag, cfg.fail_on_inconclusive)

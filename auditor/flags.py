@@ -661,7 +661,11 @@ def run_tests(layers: Sequence[tuple[np.ndarray, list[tuple[int, str, list[tuple
     rng = np.random.default_rng([rule.seed, 9])
     Ycal = {art: permuted_labels(labels(art), ctxs[art].calib_groups, R, rng) for art in artifacts}
     keys, plans, tests = [], [], []
+    from .columns import ColumnBlocks
+
     for li, (A, neurons) in enumerate(layers):
+        # float64 columns read a block of neurons at a time (A may be a float32 memmap of 10⁶ rows)
+        columns = ColumnBlocks(A, [k for k, status, _ in neurons if status == "ok"]) if artifacts else None
         for pos, (k, status, best) in enumerate(neurons):
             a = None
             for art in artifacts:
@@ -671,7 +675,7 @@ def run_tests(layers: Sequence[tuple[np.ndarray, list[tuple[int, str, list[tuple
                     tests.append(None)
                     continue
                 if a is None:
-                    a = np.asarray(A[:, k], dtype=np.float64)
+                    a = columns.column(k)
                     order_a = np.argsort(a, kind="stable")
                 plan = make_plan(best, ctxs[art], labels, test_rows)
                 plans.append(plan)

@@ -20,16 +20,19 @@ import warnings as _pywarnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import __version__
-from .config import AuditConfig
+from .columns import ColumnBlocks, compact_rows
 from .errors import AuditorWarning, ConfigError, DataError, ReportError, did_you_mean
 from .flags import RULE_VERSION, Rule
 from .results import (SCHEMA_VERSION, AuditResult, Concept, Distribution, Explanation, LayerResult,
                       NeuronResult, TopImage)
+
+if TYPE_CHECKING:  # pydantic is not needed by `auditor explain`
+    from .config import AuditConfig
 
 Log = Callable[[str], None]
 
@@ -185,7 +188,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
     from .collect import build_transform, collect, state_hash
     from .data import check_artifacts
     from .models import load_model, resolve_layer
-    from .paired import neuron_paired, paired_effects_by_artifact
+    from .paired import neuron_paired
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -267,7 +270,10 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
         warnings.append(msg)
 
     t = time.perf_counter()
-    acts = [(name, np.asarray(collected.layers[name].values[keep_rows], dtype=np.float64)) for name in layers]
+    # The float32 activations as collected (a memmap at scale), never a float64 copy of the
+    # layer: INVERT and the statistics read them in blocks of neurons.
+    acts = [(name, compact_rows(collected.layers[name].values, keep_rows, None if cfg.no_cache else cfg.cache_path))
+            for name in layers]
     device = collected.device if cfg.device != "cpu" else "cpu"
     ancestors = hierarchy_ancestors(cfg.hierarchy, list(cfg.artifacts)) if cfg.hierarchy else {}
     all_neurons, calibration = explain_layers(acts, Yu, names, list(cfg.artifacts), cfg, device=device,
@@ -279,7 +285,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
     for (name, A), neurons in zip(acts, all_neurons):
         layer_acts = collected.layers[name]
         t = time.perf_counter()
-        effects = paired_effects_by_artifact(A, used.pairs, list(cfg.artifacts), used.clean_rows)
+        effects = _paired_in_blocks(A, used.pairs, list(cfg.artifacts), used.clean_rows)
         if effects:
             neurons = [_replace(n, paired=neuron_paired(effects, n.index)) for n in neurons]
         neurons = _add_evidence(neurons, A, Yu, names, layer_acts, probe, row_of, cfg, geometry, Y_art=Y_art)
@@ -521,9 +527,11 @@ def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, 
     # The strongest unflagged neurons get evidence too, so the report can show what normal looks like.
     ranked = sorted((i for i, n in enumerate(neurons) if n.explanations and i not in detail),
                     key=lambda i: -neurons[i].explanations[0].auroc)
-    for i in sorted(set(detail) | set(ranked[:5])):
+    chosen = sorted(set(detail) | set(ranked[:5]), key=lambda i: neurons[i].index)
+    columns = ColumnBlocks(A, [neurons[i].index for i in chosen])
+    for i in chosen:
         n = neurons[i]
-        a = A[:, n.index]
+        a = columns.column(n.index)
         dist = None
         exps = list(n.explanations)
         if exps:
@@ -546,6 +554,19 @@ def _add_evidence(neurons: list[NeuronResult], A, Yu, names, layer_acts, probe, 
         neurons[i] = _replace(n, explanations=exps, distribution=dist, top_images=tops,
                               artifact_auroc_ci_bootstrap=boot)
     return neurons
+
+
+def _paired_in_blocks(A, pairs, artifacts, clean_rows):
+    """:func:`paired_effects_by_artifact` over blocks of neurons (each neuron's statistics
+    depend on its own column only), so A is never copied whole."""
+    from .paired import paired_effects_by_artifact
+
+    if not any(len(pairs.get(a, ())) for a in artifacts):
+        return {}
+    parts = [paired_effects_by_artifact(block.T, pairs, artifacts, clean_rows)
+             for _, block in ColumnBlocks(A).blocks()]
+    return {art: {key: np.concatenate([p[art][key] for p in parts]) for key in parts[0][art]}
+            for art in parts[0]}
 
 
 def selection_factor(cfg, n_concepts: int) -> int:
@@ -588,12 +609,14 @@ def hierarchy_ancestors(path, artifacts: list[str]) -> dict[str, list[str]]:
 
 def explain_layers(acts: list[tuple[str, np.ndarray]], Yu, names: list[str], artifacts: list[str], cfg, *,
                    device: str = "cpu", ancestors: dict[str, list[str]] | None = None,
-                   progress: bool = False) -> tuple[list[list[NeuronResult]], dict | None]:
+                   progress: bool = False, subset: list[int] | None = None
+                   ) -> tuple[list[list[NeuronResult]], dict | None]:
     """INVERT in both directions for every layer, then the flag rule over the whole audit.
 
     The one code path of ``run`` and ``explain``: ``cfg`` is an :class:`AuditConfig`
     (search and flag settings). Returns the neurons of every layer (with
-    ``artifact_tests`` and ``flags``) and the calibration record.
+    ``artifact_tests`` and ``flags``) and the calibration record. ``subset``: explain only
+    these columns (default all). Each ``A`` may be a float32 memmap: it is read in blocks.
     """
     from . import invert
     from .flags import Labels, flag_of, run_tests
@@ -607,8 +630,10 @@ def explain_layers(acts: list[tuple[str, np.ndarray]], Yu, names: list[str], art
         common = dict(length=cfg.length, beam=cfg.beam, min_fraction=cfg.min_fraction,
                       max_fraction=cfg.max_fraction, limit_search=cfg.limit_search, heldout=cfg.heldout,
                       seed=cfg.seed, device=device)
-        pos = invert.explain(A, Yu, names, invert.InvertParams(**common), progress=progress)
-        neg = invert.explain(A, Yu, names, invert.InvertParams(mode="negative", **common), progress=progress)
+        # both directions from one pass: each chunk of neurons is read and ranked once
+        pos, neg = invert.explain_modes(A, Yu, names, [invert.InvertParams(**common),
+                                                       invert.InvertParams(mode="negative", **common)],
+                                        neurons=subset, progress=progress)
         neurons = neuron_results(A, pos, Yu, names, artifacts, negative=neg)
         layer_neurons.append(neurons)
         plan_input.append((A, [(n.index, n.status, [(e.formula, e.ast) for e in (n.explanations[:1]
@@ -721,19 +746,29 @@ def neuron_results(A, explained, Yu, names: list[str], artifacts: list[str], neg
 
     Y_art = np.column_stack([invert.evaluate(c, Yu, names) for c in artifacts]) if artifacts \
         else np.zeros((A.shape[0], 0), dtype=bool)
-    art_auroc = invert.auroc(A, Y_art) if artifacts else np.zeros((A.shape[1], 0))
-    # Analytic (DeLong) 95% interval of each artifact's AUROC alone, for every neuron at once.
-    art_ci = {art: delong_ci(A, Y_art[:, i])[1:] for i, art in enumerate(artifacts)}
     neg_of = {ne.index: ne for ne in (negative or [])}
     neurons: list[NeuronResult] = []
+    # float64 columns read a block of neurons at a time (A may be a float32 memmap of 10⁶ rows)
+    columns = ColumnBlocks(A, [ne.index for ne in explained])
+    art_auroc: dict[int, np.ndarray] = {}
+    # Analytic (DeLong) 95% interval of each artifact's AUROC alone, per block of neurons
+    art_ci: dict[str, tuple[dict[int, float], dict[int, float]]] = {art: ({}, {}) for art in artifacts}
+    if artifacts:
+        for cols, block in columns.blocks():
+            ks = cols.tolist()
+            art_auroc.update(zip(ks, invert.auroc(block.T, Y_art)))
+            for i, art in enumerate(artifacts):
+                lo, hi = delong_ci(block.T, Y_art[:, i])[1:]
+                art_ci[art][0].update(zip(ks, np.atleast_1d(lo)))
+                art_ci[art][1].update(zip(ks, np.atleast_1d(hi)))
     for ne in explained:
         k = ne.index
-        a = A[:, k]
+        a = columns.column(k)
         exps = [_explanation(f) for f in ne.formulas]
         beams = [[_explanation(f) for f in beam] for beam in ne.beams] if ne.beams else None
         neg = neg_of.get(k)
         negs = [_explanation(f) for f in neg.formulas] if neg is not None else []
-        aa = {art: float(art_auroc[k, i]) for i, art in enumerate(artifacts)}
+        aa = {art: float(art_auroc[k][i]) for i, art in enumerate(artifacts)}
         aa_ci = {art: (float(lo[k]), float(hi[k])) for art, (lo, hi) in art_ci.items()
                  if np.isfinite(lo[k]) and np.isfinite(hi[k])}
         stats = {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max()),

@@ -7,6 +7,31 @@ import torch
 
 from .reduce import MapSource
 
+_LOW32 = 0xFFFFFFFF
+
+
+def _top_rows(values: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions (k, K) of each column's k best rows: value descending, ties by the lower
+    probe index.
+
+    Float32-representable values without NaN: one ``topk`` on a packed int64 key
+    (order-preserving value bits high, the complement of the probe index low) -- unique
+    per row, so the order is exact and needs no sort of the whole column. Otherwise two
+    stable argsorts (index, then value)."""
+    fits = values.dtype in (torch.float16, torch.bfloat16, torch.float32) and bool((idx <= _LOW32).all()) \
+        and bool((idx >= 0).all()) and not bool(torch.isnan(values).any())
+    if not fits:
+        order = torch.argsort(idx, dim=0, stable=True)
+        order = torch.gather(order, 0, torch.argsort(-torch.gather(values, 0, order), dim=0, stable=True))
+        return order[:k]
+    bits = (values.float() + 0.0).view(torch.int32).to(torch.int64) & _LOW32  # -0.0 -> +0.0 first
+    neg = bits >= 0x80000000
+    # order-preserving float32 -> [0, 2**32): negative: flip all bits; else set the sign bit
+    ordered = torch.where(neg, _LOW32 - bits, bits + 0x80000000)
+    key = (ordered - 0x80000000) * (1 << 32) + (_LOW32 - idx)  # fits int64; unique per (value, row)
+    return torch.topk(key, k, dim=0, largest=True, sorted=True).indices
+
+
 class TopK:
     """Streaming top-k rows per neuron (values, probe indices, optional maps).
 
@@ -32,9 +57,7 @@ class TopK:
             values = torch.cat([self.values, values])
             idx = torch.cat([self.index, idx])
         k = min(self.k, values.shape[0])
-        order = torch.argsort(idx, dim=0, stable=True)
-        order = torch.gather(order, 0, torch.argsort(-torch.gather(values, 0, order), dim=0, stable=True))
-        sel = order[:k]
+        sel = _top_rows(values, idx, k)
         new_maps = None
         if maps is not None:
             K = values.shape[1]

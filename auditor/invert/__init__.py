@@ -7,7 +7,7 @@ See docs/invert.md for the algorithm, its exactness and its speed.
     results[0].formulas[0].text   # "(watermark AND NOT star) OR text"
 """
 
-from ._api import auroc, auroc_vector, explain, heldout_split, mannwhitney
+from ._api import auroc, auroc_vector, explain, explain_modes, heldout_split, mannwhitney
 from ._formula import concepts_in, evaluate, formula_text, remove_concept
 from ._stats import benjamini_hochberg
 from ._types import Formula, InvertParams, NeuronExplanation
@@ -17,6 +17,7 @@ __all__ = [
     "Formula",
     "NeuronExplanation",
     "explain",
+    "explain_modes",
     "heldout_split",
     "auroc",
     "auroc_vector",

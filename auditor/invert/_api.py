@@ -1,4 +1,9 @@
-"""Public entry points: explain(), auroc(), auroc_vector(), mannwhitney()."""
+"""Public entry points: explain(), auroc(), auroc_vector(), mannwhitney().
+
+The CPU path (device "cpu", backend "scipy"/"auto") runs on numpy and scipy alone
+and never imports torch; torch is imported only for CUDA, for the torch backend,
+and when the caller passes tensors (then it is imported already).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError, DataError
 from ._formula import evaluate_columns, formula_text, map_leaves
 from ._labels import DeviceLabels, as_label_matrix
-from ._ranks import rank2_numpy, rank2_torch
+from ._ranks import rank2_numpy
 from ._search import ChunkSearch, Entry, _Bits, auroc_from_sums
 from ._stats import benjamini_hochberg, mwu_from_ranksums
 from ._types import Formula, InvertParams, NeuronExplanation
@@ -23,8 +27,19 @@ from ._types import Formula, InvertParams, NeuronExplanation
 # ----------------------------------------------------------------------------- inputs
 
 
+def _is_tensor(x) -> bool:
+    """Whether ``x`` is a torch tensor (without importing torch: a tensor implies it is loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _dev_type(dev) -> str:
+    return dev.split(":")[0] if isinstance(dev, str) else dev.type
+
+
 def _as_activations(activations) -> np.ndarray:
-    if isinstance(activations, torch.Tensor):
+    if _is_tensor(activations):
+        torch = sys.modules["torch"]
         t = activations.detach()
         if t.dtype == torch.bfloat16:
             t = t.float()
@@ -76,7 +91,15 @@ def _scan(a: np.ndarray, rows, cols: np.ndarray) -> np.ndarray:
     return lo == hi
 
 
-def _resolve_device(params: InvertParams) -> tuple[torch.device, str]:
+def _resolve_device(params: InvertParams):
+    """(device, backend): the device is the string "cpu" on the numpy path, else a torch.device."""
+    backend = params.backend
+    if backend == "auto":
+        backend = "scipy" if params.device == "cpu" else "torch"
+    if params.device == "cpu" and backend == "scipy":
+        return "cpu", backend
+    import torch
+
     if params.device == "cpu":
         dev = torch.device("cpu")
     else:
@@ -87,9 +110,6 @@ def _resolve_device(params: InvertParams) -> tuple[torch.device, str]:
             raise ConfigError(
                 f"invert.device is {params.device!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
             )
-    backend = params.backend
-    if backend == "auto":
-        backend = "scipy" if dev.type == "cpu" else "torch"
     return dev, backend
 
 
@@ -120,29 +140,45 @@ def _transposed_block(a: np.ndarray, rows, cols: np.ndarray) -> np.ndarray:
     return out
 
 
-def _rank_block(a: np.ndarray, rows, cols, dev, on_host: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Doubled mid-ranks (k, n_rows) and tie terms (k,) of a[rows][:, cols], on dev
-    (ranked with numpy on the host for the CPU, with torch on a GPU)."""
-    if on_host if on_host is not None else dev.type == "cpu":
-        r2, tie = rank2_numpy(_transposed_block(a, rows, cols))
-        return torch.from_numpy(r2), torch.from_numpy(tie)
+def _gathered_block(a: np.ndarray, rows, cols: np.ndarray) -> np.ndarray:
+    """a[rows][:, cols] as a contiguous (n, k) array, copied in row blocks (so a memmap
+    is read chunk by chunk, never copied whole)."""
+    n = a.shape[0] if rows is None else len(rows)
+    out = np.empty((n, len(cols)), dtype=a.dtype)
+    contiguous = len(cols) and cols[-1] - cols[0] == len(cols) - 1
+    csel = slice(int(cols[0]), int(cols[-1]) + 1) if contiguous else cols
+    step = max(1, (1 << 24) // max(1, a.shape[1] * a.itemsize))
+    for s in range(0, n, step):
+        r = slice(s, s + step) if rows is None else rows[s : s + step]
+        out[s : s + step] = a[r][:, csel] if rows is not None else a[r, csel]
+    return out
+
+
+def _rank_block(a: np.ndarray, rows, cols, dev, on_host: bool | None = None):
+    """Doubled mid-ranks (k, n_rows) and tie terms (k,) of a[rows][:, cols]: numpy
+    arrays when ranked on the host (the CPU), tensors on ``dev`` when ranked there
+    with torch (a GPU; ``on_host=False`` forces that path)."""
+    if on_host if on_host is not None else _dev_type(dev) == "cpu":
+        return rank2_numpy(_transposed_block(a, rows, cols))
+    import torch
+
+    from ._ranks import rank2_torch
+
     # on a GPU: upload the (n, k) block as it is and transpose there
-    if rows is None and len(cols) == a.shape[1] and np.array_equal(cols, np.arange(a.shape[1])):
-        block = np.ascontiguousarray(a)
-    else:
-        block = np.ascontiguousarray((a if rows is None else a[rows])[:, cols])
-    t = torch.from_numpy(block).to(dev, non_blocking=False)
+    t = torch.from_numpy(_gathered_block(a, rows, cols)).to(dev, non_blocking=False)
     return rank2_torch(t.T.contiguous())
 
 
 @contextmanager
-def _torch_threads(dev: torch.device):
-    """One torch thread for the CPU engine: its heavy work (sorting, sparse products)
-    is numpy/scipy, and torch's elementwise ops lose far more to thread hand-offs on a
-    busy 2-core machine than they gain from a second thread."""
-    if dev.type != "cpu":
+def _torch_threads(dev, backend: str):
+    """One torch thread for the torch backend on the CPU: torch's elementwise ops lose
+    far more to thread hand-offs on a busy 2-core machine than they gain from a second
+    thread. (The numpy path needs nothing.)"""
+    if backend != "torch" or _dev_type(dev) != "cpu":
         yield
         return
+    import torch
+
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -151,13 +187,13 @@ def _torch_threads(dev: torch.device):
         torch.set_num_threads(old)
 
 
-def _chunk_size(params: InvertParams, N: int, C: int, K: int, backend: str, dev: torch.device) -> int:
+def _chunk_size(params: InvertParams, N: int, C: int, K: int, backend: str, dev) -> int:
     if params.chunk_neurons is not None:
         return params.chunk_neurons
     B = params.beam
     # two chunks' ranks live at once (prefetch); beams; candidate arrays (k, B, C, 4)
     per = N * (96 + 2 * B + (24 * B if backend == "torch" else 0)) + 512 * B * C + 1
-    budget = params.memory_mb if params.memory_mb is not None else (8192 if dev.type == "cuda" else 1024)
+    budget = params.memory_mb if params.memory_mb is not None else (8192 if _dev_type(dev) == "cuda" else 1024)
     return int(max(1, min(K, (budget << 20) // per)))
 
 
@@ -188,8 +224,38 @@ def explain(
     or scipy/torch sparse); concepts: C names. Returns one NeuronExplanation per
     requested neuron, in the order requested.
     """
-    if not isinstance(params, InvertParams):
-        raise ConfigError(f"params must be an InvertParams, got {type(params).__name__}")
+    return explain_modes(activations, labels, concepts, [params], neurons, progress)[0]
+
+
+_SHARED = ("heldout", "seed", "device", "backend", "memory_mb", "chunk_neurons")
+
+
+def explain_modes(
+    activations,
+    labels,
+    concepts: Sequence[str],
+    params_list: Sequence[InvertParams],
+    neurons: Sequence[int] | None = None,
+    progress: bool = False,
+) -> list[list[NeuronExplanation]]:
+    """:func:`explain` once per ``InvertParams`` of ``params_list`` (e.g. the positive and the
+    negative search), from one pass over the activations: each chunk of neurons is read and
+    ranked once and searched with every parameter set. The results equal separate
+    :func:`explain` calls (Benjamini-Hochberg runs per parameter set). The parameter sets
+    must agree on heldout, seed, device, backend, memory_mb and chunk_neurons.
+    """
+    params_list = list(params_list)
+    if not params_list:
+        raise ConfigError("params_list is empty: give at least one InvertParams")
+    for params in params_list:
+        if not isinstance(params, InvertParams):
+            raise ConfigError(f"params must be an InvertParams, got {type(params).__name__}")
+    params = params_list[0]
+    for other in params_list[1:]:
+        for name in _SHARED:
+            if getattr(other, name) != getattr(params, name):
+                raise ConfigError(f"explain_modes: every parameter set needs the same {name} "
+                                  f"({getattr(params, name)!r} vs {getattr(other, name)!r})")
     a, lm, concepts = _inputs(activations, labels, concepts)
     if concepts is None:
         raise DataError("concept names are required")
@@ -219,9 +285,10 @@ def explain(
     dead = _scan(a, search_rows, uniq)
     live = uniq[~dead]
 
-    dl = DeviceLabels(lm_s, dev, need_matrix=(backend == "torch"))
-    chunk = _chunk_size(params, Ns, lm.C, len(live), backend, dev)
-    results: dict[int, NeuronExplanation] = {int(i): NeuronExplanation(int(i), "dead", [], None) for i in uniq[dead]}
+    dl = DeviceLabels(lm_s, dev, need_matrix=True) if backend == "torch" else None
+    chunk = min(_chunk_size(p, Ns, lm.C, len(live), backend, dev) for p in params_list)
+    all_results: list[dict[int, NeuronExplanation]] = [
+        {int(i): NeuronExplanation(int(i), "dead", [], None) for i in uniq[dead]} for _ in params_list]
     chunks = [live[s : s + chunk] for s in range(0, len(live), chunk)]
     bits = _Bits(lm_s)  # packed label columns, shared by the chunks
     bar = None
@@ -236,30 +303,36 @@ def explain(
     def prepare(cols):
         """Ranks of one chunk (search split on dev, held-out split on the host)."""
         r2, tie = _rank_block(a, search_rows, cols, dev)
+        if backend == "torch" and isinstance(r2, np.ndarray):  # the torch backend on the CPU
+            import torch
+
+            r2, tie = torch.from_numpy(r2), torch.from_numpy(tie)
         hold = None
         if lm_h is not None:
-            r2h, tieh = _rank_block(a, hold_rows, cols, torch.device("cpu"))
-            hold = (r2h.numpy(), tieh.numpy(), lm_h)
+            r2h, tieh = _rank_block(a, hold_rows, cols, "cpu")
+            hold = (r2h, tieh, lm_h)
         return r2, tie, hold
 
     # On the CPU the next chunk is ranked in a background thread while this one is
     # searched (numpy's sort and ufunc loops release the GIL); on a GPU ranking is cheap.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        run = pool.submit if dev.type == "cpu" else _Done
+        run = pool.submit if _dev_type(dev) == "cpu" else _Done
         nxt = run(prepare, chunks[0]) if chunks else None
         done = 0
         for i, cols in enumerate(chunks):
             r2, tie, hold = nxt.result()
             nxt = run(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
-            with _torch_threads(dev):
-                search = ChunkSearch(r2, dl, lm_s, params, backend, bits)
-                final, history = search.run(params.length, params.all_lengths)
-            del search, r2
-            conv = _Converter(concepts, Ns, tie.cpu().numpy(), params.alternative, hold, final, history)
-            for j, neuron in enumerate(cols):
-                formulas = conv.formulas(final[j])
-                beams = [conv.formulas(h[j]) for h in history] if history is not None else None
-                results[int(neuron)] = NeuronExplanation(int(neuron), "ok", formulas, beams)
+            for p, results in zip(params_list, all_results):
+                with _torch_threads(dev, backend):
+                    search = ChunkSearch(r2, dl, lm_s, p, backend, bits)
+                    final, history = search.run(p.length, p.all_lengths)
+                del search
+                conv = _Converter(concepts, Ns, _host(tie), p.alternative, hold, final, history)
+                for j, neuron in enumerate(cols):
+                    formulas = conv.formulas(final[j])
+                    beams = [conv.formulas(h[j]) for h in history] if history is not None else None
+                    results[int(neuron)] = NeuronExplanation(int(neuron), "ok", formulas, beams)
+            del r2
             done += len(cols)
             if bar is not None:
                 bar.update(len(cols))
@@ -268,7 +341,11 @@ def explain(
     if bar is not None:
         bar.close()
 
-    # ---- Benjamini-Hochberg across neurons (best formula of each ok neuron)
+    return [_bh(results, order) for results in all_results]
+
+
+def _bh(results: dict[int, NeuronExplanation], order: np.ndarray) -> list[NeuronExplanation]:
+    """Benjamini-Hochberg across neurons (best formula of each ok neuron); results in ``order``."""
     keys = [i for i in results if results[i].status == "ok" and results[i].formulas]
     if keys:
         padj = benjamini_hochberg([results[i].formulas[0].p_value for i in keys])
@@ -281,6 +358,10 @@ def explain(
                 beams = beams[:-1] + [[best] + beams[-1][1:]]
             results[i] = dataclasses.replace(r, formulas=formulas, beams=beams)
     return [results[int(i)] for i in order]
+
+
+def _host(x) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.cpu().numpy()
 
 
 class _Done:
@@ -380,8 +461,8 @@ def auroc(activations, labels, *, chunk_neurons: int | None = None) -> np.ndarra
 
 
 def _vector_pair(a, y):
-    a = np.asarray(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a)
-    y = np.asarray(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y)
+    a = np.asarray(a.detach().cpu().numpy() if _is_tensor(a) else a)
+    y = np.asarray(y.detach().cpu().numpy() if _is_tensor(y) else y)
     if a.ndim != 1 or y.ndim != 1 or a.shape != y.shape:
         raise DataError(f"expected two 1-D arrays of one length, got shapes {a.shape} and {y.shape}")
     if y.dtype != np.bool_:

@@ -8,6 +8,7 @@ structure (for pulling single columns out as boolean vectors).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -16,10 +17,6 @@ import scipy.sparse as sp
 
 from ..errors import DataError
 
-try:  # torch is a dependency of the engine, but keep this module importable without it
-    import torch
-except ImportError:  # pragma: no cover
-    torch = None  # type: ignore[assignment]
 
 
 def _name(concepts: Sequence[str] | None, col: int) -> str:
@@ -105,6 +102,7 @@ def as_label_matrix(labels, concepts: Sequence[str] | None = None) -> LabelMatri
         if len(labels.shape) != 2:
             raise DataError(f"concept labels must be a 2-D (images x concepts) matrix, got shape {labels.shape}")
         return LabelMatrix(_from_scipy(labels, concepts))
+    torch = sys.modules.get("torch")  # a tensor implies torch is loaded; never import it here
     if torch is not None and isinstance(labels, torch.Tensor):
         if labels.dim() != 2:
             raise DataError(
@@ -132,6 +130,8 @@ class DeviceLabels:
     the transposed CSR matrix for sparse x dense products."""
 
     def __init__(self, lm: LabelMatrix, device, need_matrix: bool):
+        import torch
+
         self.N, self.C = lm.N, lm.C
         self.device = device
         self.colptr = torch.from_numpy(lm.colptr).to(device)
@@ -150,8 +150,10 @@ class DeviceLabels:
                     check_invariants=False,
                 )
 
-    def columns(self, cols) -> torch.Tensor:
-        """Dense boolean (len(cols), N) rows holding the given label columns."""
+    def columns(self, cols):
+        """Dense boolean (len(cols), N) rows holding the given label columns (a tensor)."""
+        import torch
+
         cols = torch.as_tensor(cols, dtype=torch.int64).to(self.device)
         out = torch.zeros(len(cols) * self.N, dtype=torch.bool, device=self.device)
         if len(cols):

@@ -13,7 +13,6 @@ approximation.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 _SIGN32 = np.uint32(0x80000000)
 _LOW31 = np.uint32(0x7FFFFFFF)
@@ -82,8 +81,10 @@ def rank2_numpy(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _runs_np(np.take_along_axis(x, idx, axis=1), idx)
 
 
-def rank2_torch(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same as :func:`rank2_numpy` for a (k, N) tensor on any device."""
+def rank2_torch(xb):
+    """Same as :func:`rank2_numpy` for a (k, N) tensor on any device (imports torch)."""
+    import torch
+
     k, n = xb.shape
     dev = xb.device
     if xb.dtype in (torch.float16, torch.bfloat16, torch.bool, torch.int8, torch.uint8, torch.int16):

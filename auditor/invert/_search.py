@@ -26,6 +26,11 @@ Selection: per neuron, the candidates with the m best keys are pulled to the hos
 (key desc, length asc, enumeration order asc) and walked; a candidate whose
 labeling equals one already taken is skipped. Only candidates with equal (n, S)
 can be equal, so labelings are materialised (as packed bits) for those alone.
+
+The scipy backend runs on numpy alone (the CPU path imports no torch); the torch
+backend runs the same steps on torch tensors through :class:`_TorchOps`. Both
+perform the same IEEE float64 operations on exact integers, so their results are
+identical.
 """
 
 from __future__ import annotations
@@ -34,11 +39,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
-from ._labels import DeviceLabels, LabelMatrix
+from ._labels import LabelMatrix
 
 AND, OR = 0, 1
+_BLOCK = 32
 _OPS = ("and", "or")
 
 
@@ -77,8 +82,10 @@ def _decode(e, Pc):
     return bp // Pc, bp % Pc, sign, op
 
 
-def pack_bits_torch(lab: torch.Tensor) -> torch.Tensor:
+def pack_bits_torch(lab):
     """Pack the last axis of a bool tensor into uint8 like np.packbits (MSB first)."""
+    import torch
+
     *lead, N = lab.shape
     x = torch.nn.functional.pad(lab.to(torch.int32), (0, (-N) % 8)).reshape(*lead, -1, 8)
     w = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32, device=lab.device)
@@ -107,7 +114,7 @@ class _Bits:
         return out
 
     @staticmethod
-    def pack(lab: torch.Tensor) -> np.ndarray:
+    def pack(lab) -> np.ndarray:
         """np.packbits(lab, axis=-1) of a (k, B, N) bool tensor; packed on its device."""
         if lab.device.type == "cpu":
             return np.packbits(lab.numpy(), axis=-1)
@@ -123,30 +130,219 @@ class _Bits:
         return r[rr].astype(np.int64), byte[rr].astype(np.int64) * 8 + bit
 
 
-class ChunkSearch:
-    """Beam search for k neurons whose doubled ranks ``r2`` (k, N) are given."""
+class _NumpyOps:
+    """The array operations of the search on numpy (the CPU path: no torch import)."""
 
-    def __init__(self, r2: torch.Tensor, dl: DeviceLabels, lm: LabelMatrix, params, backend: str, bits=None):
+    is_torch = False
+    device = "cpu"
+
+    @staticmethod
+    def host(x):
+        return np.asarray(x)
+
+    @staticmethod
+    def put(x):
+        return np.asarray(x)
+
+    @staticmethod
+    def array(values, dtype):
+        return np.array(values, dtype={"f8": np.float64, "i8": np.int64, "b": bool}[dtype])
+
+    @staticmethod
+    def ones_bool(shape):
+        return np.ones(shape, dtype=bool)
+
+    @staticmethod
+    def stack(xs, axis):
+        return np.stack(xs, axis=axis)
+
+    @staticmethod
+    def cat(xs, axis):
+        return np.concatenate(xs, axis=axis)
+
+    where = staticmethod(np.where)
+    abs = staticmethod(np.abs)
+
+    @staticmethod
+    def masked_fill_(x, mask, value):
+        np.copyto(x, value, where=mask)
+        return x
+
+    @staticmethod
+    def gather(x, axis, idx):
+        return np.take_along_axis(x, idx, axis=axis)
+
+    @staticmethod
+    def expand(x, shape):
+        return np.broadcast_to(x, shape)
+
+    @staticmethod
+    def argsort_stable(x):
+        return np.argsort(x, axis=1, kind="stable")
+
+    @staticmethod
+    def kth_largest(x, m):
+        """The m-th largest value of each row (duplicates counted), like topk(m).values[:, -1].
+
+        np.partition is slow on these rows (many equal keys and -inf), so: the m-th
+        largest of the block maxima (blocks of 32) is a lower bound t0 (m blocks hold
+        a value >= it); the exact value is then found among the few values >= t0."""
+        k, M = x.shape
+        if M <= 4 * _BLOCK or m >= M // _BLOCK:
+            return np.partition(x, M - m, axis=1)[:, M - m]
+        Mb = M - M % _BLOCK
+        maxes = x[:, :Mb].reshape(k, Mb // _BLOCK, _BLOCK).max(axis=2)
+        if Mb < M:
+            maxes = np.concatenate([maxes, x[:, Mb:].max(axis=1, keepdims=True)], axis=1)
+        nb = maxes.shape[1]
+        t0 = np.partition(maxes, nb - m, axis=1)[:, nb - m]
+        rows, cols = np.nonzero(x >= t0[:, None])
+        vals = x[rows, cols]
+        o = np.lexsort((-vals, rows))  # by row, then value descending
+        start = np.searchsorted(rows[o], np.arange(k), side="left")
+        return vals[o[start + m - 1]]
+
+    @staticmethod
+    def nonzero(x):
+        return np.nonzero(x)
+
+    @staticmethod
+    def flatnonzero(x):
+        return np.flatnonzero(x)
+
+    @staticmethod
+    def repeat(x, r):
+        return np.repeat(x, r)
+
+    @staticmethod
+    def long(x):
+        return np.asarray(x).astype(np.int64)
+
+    @staticmethod
+    def key_inplace(S, n, N, negative):
+        t = n + 1
+        t *= n
+        num = S
+        num -= t  # S - n(n+1)
+        np.subtract(float(N), n, out=t)
+        t *= n
+        t *= 2  # (N - n) n 2 == 2 n (N - n): products of exact integers
+        num /= t
+        if negative:
+            np.negative(num, out=num)
+        return num
+
+
+class _TorchOps:
+    """The same operations on torch tensors on ``device`` (the CUDA path)."""
+
+    is_torch = True
+
+    def __init__(self, device):
+        import torch
+
+        self.torch = torch
+        self.device = device
+
+    def host(self, x):
+        return x.cpu().numpy()
+
+    def put(self, x):
+        return self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
+    def array(self, values, dtype):
+        t = {"f8": self.torch.float64, "i8": self.torch.int64, "b": self.torch.bool}[dtype]
+        return self.torch.tensor(values, dtype=t).to(self.device)
+
+    def ones_bool(self, shape):
+        return self.torch.ones(shape, dtype=self.torch.bool, device=self.device)
+
+    def stack(self, xs, axis):
+        return self.torch.stack(xs, dim=axis)
+
+    def cat(self, xs, axis):
+        return self.torch.cat(xs, dim=axis)
+
+    def where(self, c, a, b):
+        return self.torch.where(c, a, b)
+
+    def abs(self, x):
+        return self.torch.abs(x)
+
+    @staticmethod
+    def masked_fill_(x, mask, value):
+        return x.masked_fill_(mask, value)
+
+    @staticmethod
+    def gather(x, axis, idx):
+        return x.gather(axis, idx)
+
+    @staticmethod
+    def expand(x, shape):
+        return x.expand(*shape)
+
+    def argsort_stable(self, x):
+        return self.torch.sort(x, dim=1, stable=True).indices
+
+    def kth_largest(self, x, m):
+        return self.torch.topk(x, m, dim=1).values[:, -1]
+
+    @staticmethod
+    def nonzero(x):
+        return x.nonzero(as_tuple=True)
+
+    @staticmethod
+    def flatnonzero(x):
+        return x.nonzero(as_tuple=True)[0]
+
+    @staticmethod
+    def repeat(x, r):
+        return x.repeat_interleave(r)
+
+    @staticmethod
+    def long(x):
+        return x.long()
+
+    def key_inplace(self, S, n, N, negative):
+        t = n + 1
+        t.mul_(n)
+        num = S.sub_(t)  # S - n(n+1)
+        self.torch.sub(float(N), n, out=t)
+        t.mul_(n).mul_(2)  # (N - n) n 2 == 2 n (N - n): products of exact integers
+        num.div_(t)
+        return num.neg_() if negative else num
+
+
+class ChunkSearch:
+    """Beam search for k neurons whose doubled ranks ``r2`` (k, N) are given.
+
+    backend "scipy": ``r2`` is a numpy array and everything runs on numpy (``dl`` may
+    be None); backend "torch": ``r2`` is a tensor on its device and ``dl`` the
+    :class:`~auditor.invert._labels.DeviceLabels` there."""
+
+    def __init__(self, r2, dl, lm: LabelMatrix, params, backend: str, bits=None):
         self.r2 = r2
         self.dl = dl
         self.lm = lm
         self.p = params
         self.backend = backend
-        self.dev = r2.device
+        self.ops = _TorchOps(r2.device) if backend == "torch" else _NumpyOps()
+        self.dev = self.ops.device
         self.k, self.N = r2.shape
         self.S_all = float(self.N) * (self.N + 1)  # sum of all doubled ranks
         self.B = params.beam
         self.negative = params.mode == "negative"
         self.lo, self.hi = count_bounds(self.N, params.min_fraction, params.max_fraction)
-        self._r2_np = r2.numpy() if backend == "scipy" else None
+        self._r2_np = r2 if backend == "scipy" else None
+        self.n_pos = dl.n_pos if backend == "torch" else lm.n_pos.astype(np.float64)
         self.bits = bits if bits is not None else _Bits(lm)
 
     # -- products ------------------------------------------------------------------
-    def _atom_sums(self) -> torch.Tensor:
+    def _atom_sums(self):
         """S(c) for every neuron and concept: (k, C)."""
         if self.backend == "scipy":
             out = np.asarray(self.lm.csr.T @ self._r2_np.T).T
-            return torch.from_numpy(np.ascontiguousarray(out))
+            return np.ascontiguousarray(out)
         return (self.dl.yt @ self.r2.T.contiguous()).T.contiguous()
 
     def _beam_products(self, beams, nf, bvalid, Sc):
@@ -157,8 +353,8 @@ class ChunkSearch:
         k, B = nf.shape
         N, C = self.N, self.lm.C
         if self.backend == "scipy":
-            bv = bvalid.numpy()
-            flip = (nf.numpy() * 2 > N) & bv  # use NOT f where f covers more than half
+            bv = bvalid
+            flip = (nf * 2 > N) & bv  # use NOT f where f covers more than half
             side = beams ^ (flip[:, :, None] * self.bits.mask[None, None, :])
             side &= (bv[:, :, None] * np.uint8(255))
             rows, cols = _Bits.positions(side.reshape(k * B, -1))
@@ -169,15 +365,16 @@ class ChunkSearch:
             data = self._r2_np[rows // B, cols] + 1j
             F = sp.csr_matrix((data, cols, indptr), shape=(k * B, N))
             P = (F @ self.lm.csr).toarray().reshape(k, B, C)
-            PS = torch.from_numpy(np.ascontiguousarray(P.real))
-            Pn = torch.from_numpy(np.ascontiguousarray(P.imag))
-            fl = torch.from_numpy(flip)[:, :, None]
-            PS = torch.where(fl, Sc[:, None, :] - PS, PS)
-            Pn = torch.where(fl, self.dl.n_pos[None, None, :] - Pn, Pn)
+            PS = np.ascontiguousarray(P.real)
+            Pn = np.ascontiguousarray(P.imag)
+            del P
+            fl = flip[:, :, None]
+            PS = np.where(fl, Sc[:, None, :] - PS, PS)
+            Pn = np.where(fl, self.n_pos[None, None, :] - Pn, Pn)
             return PS, Pn
         X = (beams & bvalid[:, :, None]).reshape(k * B, N).double()
         Xs = X * self.r2.repeat_interleave(B, dim=0)
-        P = self.dl.yt @ torch.cat([Xs, X], 0).T.contiguous()  # (C, 2kB)
+        P = self.dl.yt @ self.ops.cat([Xs, X], 0).T.contiguous()  # (C, 2kB)
         del X, Xs
         PS = P[:, : k * B].T.reshape(k, B, C)
         Pn = P[:, k * B :].T.reshape(k, B, C)
@@ -190,13 +387,7 @@ class ChunkSearch:
 
     def _key_inplace(self, S, n):
         """_key(S, n), reusing S's memory (S is consumed); the same IEEE operations."""
-        t = n + 1
-        t.mul_(n)
-        num = S.sub_(t)  # S - n(n+1)
-        torch.sub(float(self.N), n, out=t)
-        t.mul_(n).mul_(2)  # (N - n) n 2 == 2 n (N - n): products of exact integers
-        num.div_(t)
-        return num.neg_() if self.negative else num
+        return self.ops.key_inplace(S, n, self.N, self.negative)
 
     def _admissible(self, n):
         return (n >= self.lo) & (n <= self.hi)
@@ -210,24 +401,25 @@ class ChunkSearch:
         packed labelings (len, NB). Returns per neuron a list of (col, S, n, length)
         in beam order.
         """
+        ops = self.ops
         k, M = keym.shape
         B = self.B
         out: list[list[tuple]] = [[] for _ in range(k)]
         if M == 0:
             return out
         finite = keym > -np.inf
-        nvalid = finite.sum(1).cpu().numpy()
+        nvalid = ops.host(finite.sum(1))
         todo = np.flatnonzero(nvalid > 0)
         m = min(M, 4 * B + 8)
         while len(todo):
-            sub = torch.from_numpy(todo).to(keym.device)
+            sub = ops.put(todo)
             ks, fs = keym[sub], finite[sub]
-            thr = torch.topk(ks, m, dim=1).values[:, -1]
-            r, cols = (fs & (ks >= thr[:, None])).nonzero(as_tuple=True)
+            thr = ops.kth_largest(ks, m)
+            r, cols = ops.nonzero(fs & (ks >= thr[:, None]))
             rows = sub[r]
-            key = keym[rows, cols].cpu().numpy()
+            key = ops.host(keym[rows, cols])
             S, n, length = gather(rows, cols)
-            rows, cols = rows.cpu().numpy(), cols.cpu().numpy()
+            rows, cols = ops.host(rows), ops.host(cols)
             chosen = self._choose(rows, cols, key, S, n, length, order_of(cols), labels_of)
             considered = np.bincount(rows, minlength=k)
             got = np.bincount(rows[chosen], minlength=k)
@@ -297,21 +489,26 @@ class ChunkSearch:
     def run(self, L: int, keep_all: bool):
         """Returns (final beams, beams per length or None): lists over the k neurons of
         lists of :class:`Entry`."""
-        k, N, B, dev = self.k, self.N, self.B, self.dev
-        dl = self.dl
-        nc = dl.n_pos  # (C,) float64
+        # 0/0 keys of inadmissible candidates (n = 0, padded beams) are masked out
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._run(L, keep_all)
+
+    def _run(self, L: int, keep_all: bool):
+        k, N, B = self.k, self.N, self.B
+        ops = self.ops
+        nc = self.n_pos  # (C,) float64
         C = len(nc)
         Sc = self._atom_sums()  # (k, C)
         cvalid = (nc > 0) & (nc < N)
 
         # ---- length 1: atoms in order (c0, NOT c0, c1, NOT c1, ...)
-        S1 = torch.stack([Sc, self.S_all - Sc], dim=2).reshape(k, 2 * C)
-        n1 = torch.stack([nc, N - nc], dim=1).reshape(1, 2 * C)
-        v1 = cvalid.repeat_interleave(2)[None, :] & self._admissible(n1)
-        key1 = self._key(S1, n1).masked_fill_(~v1, -np.inf)
+        S1 = ops.stack([Sc, self.S_all - Sc], 2).reshape(k, 2 * C)
+        n1 = ops.stack([nc, N - nc], 1).reshape(1, 2 * C)
+        v1 = ops.repeat(cvalid, 2)[None, :] & self._admissible(n1)
+        key1 = ops.masked_fill_(self._key(S1, n1), ~v1, -np.inf)
 
         def gather1(rows, cols):
-            return (S1[rows, cols].cpu().numpy(), n1[0, cols].cpu().numpy(), np.ones(len(cols), dtype=np.int64))
+            return (ops.host(S1[rows, cols]), ops.host(n1[0, cols]), np.ones(len(cols), dtype=np.int64))
 
         def labels_atom(rows, cols):
             return self.bits.cols(cols >> 1, cols & 1)
@@ -329,41 +526,41 @@ class ChunkSearch:
         # ---- the expansion pool: concepts by |AUROC - 0.5| desc, then index
         X = Sc - nc * (nc + 1)
         D = 2 * nc * (N - nc)
-        vidx = cvalid.nonzero(as_tuple=True)[0]
-        d = (torch.abs(2 * X - D) / (2 * D))[:, vidx]
+        vidx = ops.flatnonzero(cvalid)
+        d = (ops.abs(2 * X - D) / (2 * D))[:, vidx]
         del X
-        perm = torch.sort(-d, dim=1, stable=True).indices
+        perm = ops.argsort_stable(-d)
         n_atoms = 2 * len(vidx) if self.p.limit_search is None else min(self.p.limit_search, 2 * len(vidx))
         Pc = (n_atoms + 1) // 2
         pool = vidx[perm[:, :Pc]]  # (k, Pc) concept indices in pool order
         del d, perm
-        atom_ok = torch.ones((Pc, 4), dtype=torch.bool, device=dev)
+        atom_ok = ops.ones_bool((Pc, 4))
         if n_atoms % 2:
             atom_ok[-1, 2:] = False  # the last concept's negation is past the limit
-        pool_np = pool.cpu().numpy()
-        Scp = Sc.gather(1, pool)  # (k, Pc)
+        pool_np = ops.host(pool)
+        Scp = ops.gather(Sc, 1, pool)  # (k, Pc)
         ncp = nc[pool]  # (k, Pc)
-        na = torch.stack([ncp, ncp, N - ncp, N - ncp], dim=2)[:, None]  # (k, 1, Pc, 4)
+        na = ops.stack([ncp, ncp, N - ncp, N - ncp], 2)[:, None]  # (k, 1, Pc, 4)
         E = B * Pc * 4
 
         for _ell in range(2, L + 1):
             Bp = B
             pad = [[0.0] * (B - len(row)) for row in entries]
-            bS = torch.tensor([[e.S for e in row] + p for row, p in zip(entries, pad)], dtype=torch.float64)
-            bn = torch.tensor([[e.n for e in row] + p for row, p in zip(entries, pad)], dtype=torch.float64)
-            blen = torch.tensor([[e.length for e in row] + [0] * len(p) for row, p in zip(entries, pad)])
-            bvalid = torch.tensor([[True] * len(row) + [False] * len(p) for row, p in zip(entries, pad)])
-            bS, bn, blen, bvalid = (t.reshape(k, B).to(dev) for t in (bS, bn, blen, bvalid))
+            bS = ops.array([[e.S for e in row] + p for row, p in zip(entries, pad)], "f8").reshape(k, B)
+            bn = ops.array([[e.n for e in row] + p for row, p in zip(entries, pad)], "f8").reshape(k, B)
+            blen = ops.array([[e.length for e in row] + [0] * len(p) for row, p in zip(entries, pad)], "i8")
+            bvalid = ops.array([[True] * len(row) + [False] * len(p) for row, p in zip(entries, pad)], "b")
+            blen, bvalid = blen.reshape(k, B), bvalid.reshape(k, B)
             bits = lab if self.backend == "scipy" else self.bits.pack(lab)
 
             PS, Pn = self._beam_products(lab, bn, bvalid, Sc)
-            idx = pool[:, None, :].expand(k, B, Pc)
-            Sfc = PS.gather(2, idx)  # (k, B, Pc)
-            nfc = Pn.gather(2, idx)
+            idx = ops.expand(pool[:, None, :], (k, B, Pc))
+            Sfc = ops.gather(PS, 2, idx)  # (k, B, Pc)
+            nfc = ops.gather(Pn, 2, idx)
             del PS, Pn, idx
             Sf, nf = bS[:, :, None], bn[:, :, None]
-            S4 = torch.stack([Sfc, Sf + Scp[:, None] - Sfc, Sf - Sfc, self.S_all - Scp[:, None] + Sfc], dim=3)
-            n4 = torch.stack([nfc, nf + ncp[:, None] - nfc, nf - nfc, N - ncp[:, None] + nfc], dim=3)
+            S4 = ops.stack([Sfc, Sf + Scp[:, None] - Sfc, Sf - Sfc, self.S_all - Scp[:, None] + Sfc], 3)
+            n4 = ops.stack([nfc, nf + ncp[:, None] - nfc, nf - nfc, N - ncp[:, None] + nfc], 3)
             v4 = self._admissible(n4)
             v4 &= n4 != nf[..., None]  # f AND a == f, f OR a == f: trivial
             v4 &= n4 != na  # == a: trivial
@@ -371,34 +568,34 @@ class ChunkSearch:
             v4 &= atom_ok
             key4 = self._key_inplace(S4, n4)
             del S4, n4
-            key4.masked_fill_(~v4, -np.inf)
+            ops.masked_fill_(key4, ~v4, -np.inf)
             del v4
-            keyp = self._key(bS, bn).masked_fill_(~bvalid, -np.inf)
-            keym = torch.cat([key4.reshape(k, E), keyp], dim=1)  # expansions, then the old beam
+            keyp = ops.masked_fill_(self._key(bS, bn), ~bvalid, -np.inf)
+            keym = ops.cat([key4.reshape(k, E), keyp], 1)  # expansions, then the old beam
             del key4
 
             def gather(rows, cols, Sfc=Sfc, nfc=nfc, bS=bS, bn=bn, blen=blen):
                 prev = cols >= E
-                pb = torch.where(prev, cols - E, 0)
-                b, p, sign, op = _decode(torch.where(prev, 0, cols), Pc)
-                b = torch.where(prev, pb, b)
+                pb = ops.where(prev, cols - E, 0)
+                b, p, sign, op = _decode(ops.where(prev, 0, cols), Pc)
+                b = ops.where(prev, pb, b)
                 sfc, nfc_ = Sfc[rows, b, p], nfc[rows, b, p]
                 sf, nf_ = bS[rows, b], bn[rows, b]
                 sc, nc_ = Scp[rows, p], ncp[rows, p]
-                S = torch.where(
+                S = ops.where(
                     sign == 0,
-                    torch.where(op == AND, sfc, sf + sc - sfc),
-                    torch.where(op == AND, sf - sfc, self.S_all - sc + sfc),
+                    ops.where(op == AND, sfc, sf + sc - sfc),
+                    ops.where(op == AND, sf - sfc, self.S_all - sc + sfc),
                 )
-                n = torch.where(
+                n = ops.where(
                     sign == 0,
-                    torch.where(op == AND, nfc_, nf_ + nc_ - nfc_),
-                    torch.where(op == AND, nf_ - nfc_, N - nc_ + nfc_),
+                    ops.where(op == AND, nfc_, nf_ + nc_ - nfc_),
+                    ops.where(op == AND, nf_ - nfc_, N - nc_ + nfc_),
                 )
-                S = torch.where(prev, sf, S)
-                n = torch.where(prev, nf_, n)
-                length = blen[rows, b] + (~prev).long()
-                return S.cpu().numpy(), n.cpu().numpy(), length.cpu().numpy()
+                S = ops.where(prev, sf, S)
+                n = ops.where(prev, nf_, n)
+                length = blen[rows, b] + ops.long(~prev)
+                return ops.host(S), ops.host(n), ops.host(length)
 
             def order_of(cols, Bp=Bp):
                 return np.where(cols >= E, cols - E, cols + Bp)
@@ -444,6 +641,8 @@ class ChunkSearch:
             bits = np.zeros((k, B, len(self.bits.mask)), dtype=np.uint8)
             bits[jj, slot] = self.bits.cols(cols >> 1, cols & 1)
             return bits
+        import torch
+
         lab = torch.zeros((k, B, N), dtype=torch.bool, device=self.dev)
         if len(jj):
             y = self.dl.columns(cols >> 1)
@@ -467,6 +666,8 @@ class ChunkSearch:
                 res[x] = np.where((op[x] == AND)[:, None], base & y, base | y)
             new[jj, slot] = res
             return new
+        import torch
+
         dev = self.dev
         new = torch.zeros((k, B, N), dtype=torch.bool, device=dev)
         if not len(jj):

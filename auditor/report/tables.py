@@ -235,8 +235,7 @@ def neurons_table(result: AuditResult):
     for col in INT_COLUMNS:
         df[col] = df[col].astype("Int64")
     df["flagged"] = df["flagged"].astype(bool)
-    text_cols = {"layer", "status", "formula", "flagged", "flags", "sensitive", "verdict",
-                 *(test_column("status", a) for a in result.artifacts)}
+    text_cols = _text_columns(result) | {"flagged"}
     float_cols = [c for c in df.columns if c not in (*INT_COLUMNS, *text_cols)]
     df[float_cols] = df[float_cols].astype(float)
     return df
@@ -248,14 +247,40 @@ def _csv_safe(value: Any) -> Any:
     return value
 
 
+_SAFE_COLUMNS = ("layer", "formula", "flags", "sensitive")
+
+
+def _text_columns(result: AuditResult) -> set[str]:
+    return {"layer", "status", "formula", "flags", "sensitive", "verdict",
+            *(test_column("status", a) for a in result.artifacts)}
+
+
+def _csv_cell(col: str, value: Any, text: set[str]) -> str:
+    """One cell as ``neurons_table(result).to_csv()`` writes it (empty for missing values)."""
+    if value is None:
+        return ""
+    if col in INT_COLUMNS:
+        return str(int(value))
+    if col == "flagged":
+        return str(bool(value))
+    if col in text:
+        return _csv_safe(value) if col in _SAFE_COLUMNS else str(value)
+    f = float(value)
+    return "" if f != f else repr(f)
+
+
 def write_csv(result: AuditResult, path: str | Path) -> Path:
-    """``neurons.csv``: :func:`neurons_table`, with text cells that a spreadsheet would
+    """``neurons.csv``: the rows of :func:`neurons_table` (the same text pandas' ``to_csv``
+    writes for it, without importing pandas), with text cells that a spreadsheet would
     evaluate (starting with ``= + - @``) prefixed by ``'``."""
     path = Path(path)
-    df = neurons_table(result)
-    for col in ("layer", "formula", "flags", "sensitive"):
-        df[col] = df[col].map(_csv_safe)
-    df.to_csv(path, index=False, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+    cols = columns(result)
+    text = _text_columns(result)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        w.writerow(cols)
+        for row in iter_rows(result):
+            w.writerow([_csv_cell(c, row.get(c), text) for c in cols])
     return path
 
 
