@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..collect.files import atomic_write
 
 CACHE_FORMAT = 1
 #: Bump when the generation code changes what it makes (parameterisation, transforms, objective).
@@ -52,18 +53,5 @@ def load(folder: Path, shape: tuple[int, ...]) -> np.ndarray | None:
 
 def save(folder: Path, man: dict[str, Any], sams: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic(folder / "manifest.json", lambda fh: fh.write(json.dumps(man, indent=1, sort_keys=True).encode()))
-    _atomic(folder / "sams.npy", lambda fh: np.save(fh, sams, allow_pickle=False))  # last: the commit marker
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(folder / "manifest.json", lambda fh: fh.write(json.dumps(man, indent=1, sort_keys=True).encode()))
+    atomic_write(folder / "sams.npy", lambda fh: np.save(fh, sams, allow_pickle=False))  # last: the commit marker
