@@ -53,6 +53,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         "flag_max_p": "flagging", "flag_min_effect": "flagging", "flag_strong_effect": "flagging",
         "flag_min_artifact_rows": "flagging", "flag_strata": "flagging", "calibration_runs": "flagging",
         "fail_on_flag": "flagging", "fail_on_inconclusive": "flagging",
+        "dora": "DORA",
         "impact": "impact on the outputs", "impact_count": "impact on the outputs",
         "impact_seed": "impact on the outputs", "impact_params": "impact on the outputs",
         "output": "impact on the outputs", "class_names": "impact on the outputs",
@@ -194,6 +195,10 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
     cfg = demo_config(out=ns.out, device=ns.device, cache_dir=ns.cache_dir, n_images=ns.images,
                       formats=ns.formats, log=_info)
+    if ns.dora:
+        from .config import DoraSection
+
+        cfg = cfg.model_copy(update={"dora": DoraSection()})
     result = run_audit(cfg, progress=not ns.quiet)
     written = write_outputs(result, cfg.out, cfg.formats)
     _finish(result, written, fail_on_flag=False)
@@ -257,6 +262,20 @@ def cmd_synth(ns: argparse.Namespace) -> int:
                       link_clean=ns.link_clean, log=_info, progress=not ns.quiet)
     _info(f"labels: {made.labels}")
     _info(f"audit it with: {made.run_hint()}")
+    return EXIT_OK
+
+
+def cmd_dora(ns: argparse.Namespace) -> int:
+    from .config import load_config
+    from .dora.output import summary_lines, write_dora
+    from .pipeline import run_dora_only
+
+    cfg = load_config(ns.config, _overrides(ns))
+    result = run_dora_only(cfg, log=_info, progress=not ns.quiet)
+    written = write_dora(result, cfg.out if "out" in cfg.model_fields_set else "auditor-dora")
+    for line in summary_lines(result):
+        print(line)
+    _info(f"results: {written}")
     return EXIT_OK
 
 
@@ -360,6 +379,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="activation and demo-data cache (default: user cache)")
     p.add_argument("--images", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--formats", default=None, help="comma-separated outputs (default: html,pdf,json,csv,junit)")
+    p.add_argument("--dora", action="store_true", help="also run DORA (outlier neurons from synthetic images; "
+                   "a few minutes on a CPU, see docs/dora.md)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -371,6 +392,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only in (None, "run"):
         _add_config_flags(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("dora", help="DORA: outlier neurons from synthetic activation-maximisation images (no labels)",
+                       description="Synthesise images that maximally activate every neuron of the layer (s-AMS), "
+                                   "feed them back, and list the neurons whose representations sit far from the "
+                                   "rest (Extreme-Activation distance + outlier scores). Writes OUT/dora.json and "
+                                   "the outliers' s-AMS as PNG files (default OUT: auditor-dora). Settings: the "
+                                   "dora: section of the config or --dora '{steps: 90, signals: 3}'. "
+                                   "See docs/dora.md.")
+    p.add_argument("config", nargs="?", default=None, help="YAML config file (an audit config works)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_dora)
 
     p = sub.add_parser("layers", help="list a model's layer names with output shapes")
     p.add_argument("model", help="torchvision name, package.module:callable, file.py:callable or TorchScript file")

@@ -57,6 +57,44 @@ class SynthSection(BaseModel):
         return value
 
 
+class DoraSection(BaseModel):
+    """``dora:`` — DORA outlier analysis from synthetic images (see auditor.dora, docs/dora.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="run DORA (the section being present turns it on)")
+    size: int | None = Field(None, ge=8, description="s-AMS side in pixels (default: the model's crop size, "
+                             "else the probe images' size, else 224)")
+    steps: int = Field(90, ge=1, description="Adam steps per s-AMS")
+    lr: float = Field(0.05, gt=0.0, description="Adam learning rate")
+    signals: int = Field(3, ge=1, description="s-AMS per neuron (different random starts)")
+    batch_size: int = Field(64, ge=1, description="images per optimisation batch (many neurons per batch)")
+    seed: int = Field(0, description="seed: the same seed gives the same s-AMS")
+    distance: Literal["pairwise", "layerwise"] = Field("pairwise", description="EA distance form: the paper's "
+                                                       "pairwise form or the reference package's layer-wise form")
+    outliers: Literal["lof", "iforest", "knn"] = Field("lof", description="outlier scores on the EA distances")
+    neighbors: int | None = Field(None, ge=1, description="neighbours for lof/knn (default min(20, (K-1)//2))")
+    contamination: float | None = Field(None, gt=0.0, le=0.5, description="share of neurons called outliers "
+                                        "(default: the method's own threshold)")
+
+
+def _dora_value(value: Any) -> Any:
+    """``--dora`` on the command line: on/off, or YAML (``{steps: 60, signals: 2}``)."""
+    if isinstance(value, bool):
+        return {} if value else None
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("on", "true", "yes", "1", ""):
+            return {}
+        if word in ("off", "false", "no", "0", "none"):
+            return None
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"expected on, off or a YAML mapping such as {{steps: 60}}, got {value!r}") from None
+        return parsed if parsed is not None else {}
+    return value
+
 class SignoffSection(BaseModel):
     """``signoff:`` — who prepared and reviewed the audit and what was decided (printed on page 1).
 
@@ -193,6 +231,10 @@ class AuditConfig(BaseModel):
     fail_on_inconclusive: bool = Field(False, description="exit with code 1 when an artifact test is inconclusive "
                                        "(no stratum where the artifact varies)")
 
+    # -- DORA ---------------------------------------------------------------------
+    dora: DoraSection | None = Field(None, description="DORA outlier neurons from synthetic images (off by default): "
+                                     "on, or YAML such as {steps: 90, signals: 3, distance: pairwise}")
+
     # -- impact on the model's outputs -------------------------------------------------
     impact: bool = Field(True, description="measure what each artifact with a generator does to the model's "
                          "outputs: paste it on clean probe images, compare predictions (flip rate), an occlusion "
@@ -244,6 +286,14 @@ class AuditConfig(BaseModel):
             if not values.get("artifacts") and arts:
                 values["artifacts"] = arts
         return values
+
+    @field_validator("dora", mode="before")
+    @classmethod
+    def _dora(cls, value: Any) -> Any:
+        value = _dora_value(value)
+        if isinstance(value, dict) and value.get("enabled") is False:
+            return None
+        return value
 
     @field_validator("impact_params", mode="before")
     @classmethod
@@ -301,9 +351,9 @@ def _format_error(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
-        if err["type"] == "extra_forbidden" and len(err["loc"]) > 1 and err["loc"][0] in ("synth", "signoff"):
+        if err["type"] == "extra_forbidden" and len(err["loc"]) > 1 and err["loc"][0] in ("synth", "signoff", "dora"):
             key, section = str(err["loc"][-1]), str(err["loc"][0])
-            known = (SynthSection if section == "synth" else SignoffSection).model_fields
+            known = {"synth": SynthSection, "signoff": SignoffSection, "dora": DoraSection}[section].model_fields
             parts.append(f"unknown key '{section}.{key}' in {source}{did_you_mean(key, known)}")
             continue
         if err["type"] == "extra_forbidden":

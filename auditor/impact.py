@@ -889,6 +889,8 @@ def _save_pairs(folder: Path, probe, made: Mapping[str, Any]) -> None:
     """Write the pairs in the `auditor synth` layout (+ control images and a CSV), atomically."""
     import csv
 
+    from .synth import replace_folder
+
     check_pairs_folder(folder, Path(probe.root))
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.pairs-", dir=folder.parent))
@@ -913,13 +915,7 @@ def _save_pairs(folder: Path, probe, made: Mapping[str, Any]) -> None:
                               for k in range(3)] if pred else ["", "", ""])
                     w.writerow([a, f"images/clean/{rel}", f"images/{a}/{rel}",
                                 o.relative_to(tmp).as_posix(), *preds])
-        if folder.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, trash / "old")
-            os.replace(tmp, folder)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        replace_folder(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

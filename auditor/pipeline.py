@@ -297,6 +297,12 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
         results.append(LayerResult(name=name, output_shape=list(layer_acts.output_shape),
                                    reduction=getattr(layer_acts, "reduction", None) or cfg.reduction,
                                    neurons=neurons))
+    dora = None
+    if cfg.dora is not None:
+        t = time.perf_counter()
+        dora, results = _run_dora(cfg, loaded.module, results, collected, probe, row_of, geometry, pre,
+                                  model_hash, log, progress)
+        timings["dora_s"] = time.perf_counter() - t
     impacts = []
     if cfg.impact and cfg.artifacts:
         t = time.perf_counter()
@@ -337,8 +343,108 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
                        title=title, config=cfg.plain(), provenance=provenance,
                        thresholds=thresholds_plain(cfg, len(names)),
                        concepts=concepts, artifacts=list(cfg.artifacts), layers=results, warnings=warnings,
-                       rule_version=RULE_VERSION, calibration=calibration, impact=impacts,
+                       rule_version=RULE_VERSION, calibration=calibration, dora=dora, impact=impacts,
                        signoff=cfg.signoff.model_dump(mode="json") if cfg.signoff is not None else None)
+
+
+def dora_params(cfg: AuditConfig, size: int):
+    from .dora import SamsParams
+
+    d = cfg.dora
+    return SamsParams(size=d.size or size, steps=d.steps, lr=d.lr, signals=d.signals, seed=d.seed,
+                      batch_size=d.batch_size)
+
+
+def dora_image_size(pre, probe) -> int:
+    """The s-AMS side when the config gives none: the model's crop, its resize, the first probe image, 224."""
+    if pre.crop:
+        return int(pre.crop)
+    if pre.resize:
+        return int(pre.resize)
+    try:
+        if hasattr(probe, "load"):  # images in memory (a Dataset): PIL images, (C, H, W) tensors or (H, W, 3) arrays
+            x = probe.load(0)
+            size = getattr(x, "size", None)
+            if isinstance(size, tuple) and len(size) == 2:
+                return int(max(size))
+            shape = tuple(getattr(x, "shape", ()))
+            if len(shape) == 3:
+                return int(max(shape[1:]) if shape[0] in (1, 3) else max(shape[:2]))
+            return 224
+        from PIL import Image
+
+        with Image.open(probe.full_path(0)) as im:
+            return int(max(im.size))
+    except (OSError, IndexError, AttributeError, ValueError, TypeError, RuntimeError):
+        return 224
+
+
+def run_dora_only(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True):
+    """``auditor dora``: DORA on the configured model and layers, without probe data or INVERT.
+
+    Uses ``cfg.dora`` (its defaults when the config has no ``dora:`` section).
+    Returns a :class:`~auditor.results.DoraResult` with s-AMS images for the outliers.
+    """
+    from .collect import state_hash
+    from .config import DoraSection
+    from .dora import run_dora
+    from .models import load_model, resolve_layer
+
+    if not cfg.model:
+        raise ConfigError("no model given: pass --model (a torchvision name, package.module:callable, "
+                          "file.py:callable or a TorchScript file)")
+    if not cfg.layer:
+        raise ConfigError("no layer given: pass --layer NAME (list the names with `auditor layers MODEL`)")
+    loaded = load_model(cfg.model, cfg.weights)
+    for name in cfg.layers:
+        resolve_layer(loaded.module, name)
+    pre = resolve_preprocessing(cfg, loaded.default_preprocessing)
+    size = pre.crop or pre.resize
+    if not size and cfg.images:
+        try:
+            from .data import load_probe_set
+
+            size = dora_image_size(pre, load_probe_set(cfg.images, cfg.labels, labels_format=cfg.labels_format))
+        except Exception:  # noqa: BLE001 - the probe set only suggests a size here
+            size = None
+    if cfg.dora is None:
+        cfg = cfg.model_copy(update={"dora": DoraSection()})
+    d = cfg.dora
+    return run_dora(loaded.module, cfg.layers, reduction=cfg.reduction, params=dora_params(cfg, size or 224),
+                    distance=d.distance, method=d.outliers, n_neighbors=d.neighbors, contamination=d.contamination,
+                    mean=pre.mean if cfg.normalize else None, std=pre.std if cfg.normalize else None,
+                    device=cfg.device, cache_dir=None if cfg.no_cache else cfg.cache_path,
+                    model_hash=state_hash(loaded.module), log=log,
+                    progress=progress)
+
+
+def _run_dora(cfg: AuditConfig, model, results: list[LayerResult], collected, probe, row_of, geometry, pre,
+              model_hash: str, log: Log, progress: bool):
+    """DORA on the audited layers, after the explanations: s-AMS are kept for flagged and outlier
+    neurons, and outlier neurons get their top probe images (the report shows them side by side)."""
+    from .dora import run_dora
+    from .evidence import data_uri, overlay, thumbnail, top_image_views
+
+    d = cfg.dora
+    keep = {lyr.name: {n.index for n in lyr.neurons if n.flags} for lyr in results}
+    dora = run_dora(model, [lyr.name for lyr in results], reduction={lyr.name: lyr.reduction for lyr in results},
+                    params=dora_params(cfg, dora_image_size(pre, probe)), distance=d.distance, method=d.outliers,
+                    n_neighbors=d.neighbors, contamination=d.contamination,
+                    mean=pre.mean if cfg.normalize else None, std=pre.std if cfg.normalize else None,
+                    device=cfg.device, cache_dir=None if cfg.no_cache else cfg.cache_path, model_hash=model_hash,
+                    keep=keep, log=log, progress=progress)
+    out = []
+    for lyr in results:
+        dl = dora.layer(lyr.name)
+        wanted = set(dl.outliers) if dl is not None else set()
+        neurons = list(lyr.neurons)
+        for i, n in enumerate(neurons):
+            if n.index in wanted and not n.top_images:
+                tops = _top_images(n.index, collected.layers[lyr.name], probe, row_of, cfg.artifacts, geometry,
+                                   top_image_views, thumbnail, overlay, data_uri)
+                neurons[i] = _replace(n, top_images=tops)
+        out.append(_replace(lyr, neurons=neurons))
+    return dora, out
 
 
 def _with_impact_pairs(layers: list[LayerResult], paired: dict[str, dict]) -> list[LayerResult]:

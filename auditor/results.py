@@ -321,6 +321,51 @@ class Concept(_Record):
 
 
 @dataclass(frozen=True)
+class DoraNeuron(_Record):
+    """One neuron in DORA's representation analysis (numbers for every neuron; images for a few)."""
+
+    index: int
+    score: float  # outlier score (higher = more outlying; LOF: the local outlier factor)
+    rank: int  # 1 = the most outlying neuron of the layer
+    outlier: bool
+    x: float  # 2-D map (MDS of the EA distances)
+    y: float
+    self_activation: float  # A[i, i]: the neuron's value on its own s-AMS (mean over signals)
+    max_other: float | None = None  # max over j != i of A[j, i]: its value on other neurons' s-AMS
+    sams: list[str] = field(default_factory=list)  # PNG data URIs, kept for flagged and outlier neurons only
+
+
+@dataclass(frozen=True)
+class DoraLayer(_Record):
+    name: str
+    reduction: str
+    n_neurons: int
+    outliers: list[int]  # outlier neurons, most outlying first
+    neurons: list[DoraNeuron]
+    threshold: float | None = None  # score above which a neuron is an outlier (None: by contamination)
+    n_neighbors: int | None = None
+    inactive: list[int] = field(default_factory=list)  # neurons silent on every s-AMS (A row of zeros)
+    cache: dict[str, Any] = field(default_factory=dict)  # status ("hit" | "miss" | "off"), key, dir
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class DoraResult(_Record):
+    """DORA (Bykov et al., TMLR 2023): s-AMS per neuron, EA distances, outlier neurons. See docs/dora.md."""
+
+    distance: str  # "pairwise" (paper) | "layerwise" (reference package)
+    method: str  # outlier scores: "lof" | "iforest" | "knn"
+    params: dict[str, Any]  # s-AMS generation parameters
+    layers: list[DoraLayer]
+    contamination: float | None = None
+    device: str = "cpu"
+    seconds: float = 0.0
+
+    def layer(self, name: str) -> DoraLayer | None:
+        return next((lyr for lyr in self.layers if lyr.name == name), None)
+
+
+@dataclass(frozen=True)
 class ArtifactImpact(_Record):
     """What pasting one artifact on clean probe images does to the model's outputs (auditor.impact).
 
@@ -373,7 +418,7 @@ class AuditResult(_Record):
     rule_version: str | None = None  # version of the flag rule that produced the flags
     calibration: dict[str, Any] | None = None  # the flag rule's calibration, when run
     impact: list[ArtifactImpact] = field(default_factory=list)  # per artifact, when measured
-    dora: Any = None  # DORA outlier analysis, when run
+    dora: DoraResult | None = None  # DORA outlier analysis, when run (auditor.dora)
     signoff: dict[str, Any] | None = None  # prepared_by, reviewed_by, decision, date (config `signoff:`)
 
     # -- convenience -------------------------------------------------------

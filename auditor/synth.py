@@ -322,6 +322,18 @@ def _versions() -> dict[str, str]:
     return out
 
 
+
+def replace_folder(new: Path, dest: Path) -> None:
+    """Put the finished folder ``new`` at ``dest`` (same file system): the old ``dest``, if any, is moved
+    aside first and deleted after, so ``dest`` is always either the old folder or the new one."""
+    if dest.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        os.replace(dest, trash / "old")
+        os.replace(new, dest)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(new, dest)
+
 def synthesise(images: str | os.PathLike, labels: str | os.PathLike | None = None,
                out: str | os.PathLike | None = None, *, artifacts: Sequence[str], fraction: Any = DEFAULT_FRACTION,
                seed: int = 0, params: Mapping[str, Mapping[str, Any]] | None = None, labels_format: str = "auto",
@@ -402,13 +414,7 @@ def synthesise(images: str | os.PathLike, labels: str | os.PathLike | None = Non
                        "copies": "images/<artifact>/<path>", "labels": LABELS_NAME},
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

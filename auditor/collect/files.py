@@ -6,17 +6,20 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 STALE_TMP_S = 3600.0  # leftover temp files older than this are removed
 
-def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+def atomic_write(path: Path, write: Callable[[IO], object], mode: str = "wb") -> None:
+    """Write ``path`` through ``write(fh)`` into a temp file beside it, fsync, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -25,15 +28,12 @@ def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
         raise
 
 
+def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: fh.write(text), "w")
 
 
 def load_chunk(path: Path) -> dict[str, np.ndarray] | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..results import AuditResult, Concept, Explanation, Flag, LayerResult, NeuronResult
 from . import figures
+from .dora import dora_view
 from .env import data_image, fmt_num, fmt_seconds
 from .impact import card_extras, impact_context
 from .tables import (STATUS_ORDER, checked_artifacts, concept_usage, formula_atoms, median, neuron_row,
@@ -716,6 +717,9 @@ class _Builder:
              "tests": [t for t in self.test_list(n) if t["status"] == "flagged"]}
             for i, lyr, n in flagged[MAX_CARDS:]
         ]
+        dora = dora_view(r, self.anchor, self.tokens, self.render_figures)
+        for c in cards:  # the s-AMS strip on flagged neurons' cards
+            c["dora"] = dora["cards"].get(c["anchor"]) if dora else None
         verdict = self.verdict()
         checked = [v for v in verdict if v["status"] != "not_checked"]
         urgent = min(verdict, key=lambda v: (v["severity"], -v["n_flagged"])) if verdict else None
@@ -769,6 +773,7 @@ class _Builder:
             "n_concepts": len(r.concepts),
             "config": key_values(r.config or {}),
             "provenance": key_values(r.provenance or {}),
+            "dora": dora,
         }
 
 

@@ -57,15 +57,8 @@ def _headline(imp) -> str:
 
 
 def card_extras(result: AuditResult, layer: LayerResult, neuron: NeuronResult) -> dict[str, Any]:
-    """For a flagged card: "k of n top images carry the artifact (base rate r)" per flag, and the
-    clean/pasted pairs of the impact test where the artifact raised this neuron most."""
-    rates = {c.name: c.fraction for c in result.concepts}
-    carry = []
-    for art in dict.fromkeys(f.artifact for f in neuron.flags):
-        n = len(neuron.top_images)
-        if n:
-            k = sum(1 for im in neuron.top_images if art in im.artifacts)
-            carry.append({"artifact": art, "k": k, "n": n, "rate": rates.get(art)})
+    """For a flagged card: the clean/pasted pairs of the impact test where the artifact raised this
+    neuron most (the "k of n top images carry it" line is the card's base-rate line, context.base_rates)."""
     pairs = []
     for imp in getattr(result, "impact", None) or []:
         for ex in imp.examples:
@@ -74,4 +67,4 @@ def card_extras(result: AuditResult, layer: LayerResult, neuron: NeuronResult) -
                               "frac_rise": ex.get("frac_rise"),
                               "pairs": [dict(p, clean=data_image(p.get("clean")), pasted=data_image(p.get("pasted")))
                                         for p in ex.get("pairs", [])]})
-    return {"carry": carry, "impact_pairs": pairs}
+    return {"impact_pairs": pairs}
