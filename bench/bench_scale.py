@@ -211,7 +211,9 @@ def run_child(d: Path, out: Path, neurons: str | None) -> None:
     data.load_probe_set = lambda *a, **k: probe
     if neurons:
         lo, hi = (int(x) for x in neurons.split(":"))
+        # the pipeline runs both search directions through explain_modes
         invert.explain = functools.partial(invert.explain, neurons=list(range(lo, hi)))
+        invert.explain_modes = functools.partial(invert.explain_modes, neurons=list(range(lo, hi)))
     cfg = load_config(None, {"model": f"{d / 'model.py'}:make", "layer": "2", "images": str(d / "images"),
                              "labels": str(d / "labels.npz"), "artifacts": artifacts, "out": str(out),
                              "length": 3, "beam": 3, "no_cache": True, "device": "cpu",
