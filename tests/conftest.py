@@ -83,3 +83,15 @@ def _isolated_cache(monkeypatch, tmp_path):
     """Never touch the real user cache from tests."""
     monkeypatch.setenv("AUDITOR_CACHE_DIR", str(tmp_path / "user-cache"))
     os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One torch thread for the test (restored after): tiny models gain nothing from threads, OpenMP
+    spinning on a busy 2-core machine costs up to 50x, and torchrun's workers run with one too."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

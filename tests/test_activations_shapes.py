@@ -10,13 +10,7 @@ from auditor.collect import (REDUCTIONS, TensorImages, collect, patch_grid, redu
 from auditor.errors import ConfigError, LayerError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spinning on a busy 2-core machine costs 50×."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def _collect(model, layers, images, **kw):

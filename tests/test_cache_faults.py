@@ -27,12 +27,7 @@ from auditor.models import Preprocessing, load_model
 from conftest import COLOUR_MODEL, make_colour_probe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture()

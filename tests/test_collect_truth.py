@@ -11,12 +11,7 @@ from auditor.collect import TensorImages, collect
 from auditor.errors import LayerError, ModelError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def _collect(model, layers, images, **kw):

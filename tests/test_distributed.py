@@ -63,13 +63,7 @@ def _torchrun(args, n=2, timeout=240, env=None):
     return proc
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's workers run (OMP_NUM_THREADS=1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def test_distributed_without_cache_dir_is_a_config_error(colour_probe, monkeypatch):
