@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from scipy import special
 
+from .invert import benjamini_hochberg
 from .results import ArtifactTest, Flag
 
 RULE_VERSION = "2.0"
@@ -587,12 +588,6 @@ def search_size(n_concepts: int, length: int, beam: int, limit_search: int | Non
     beam × pool × 4 (AND, AND NOT, OR, OR NOT), twice (raising and lowering search)."""
     pool = min(n_concepts, limit_search) if limit_search else n_concepts
     return 2 * (2 * n_concepts + (length - 1) * beam * pool * 4)
-
-
-def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
-    from .invert import benjamini_hochberg as bh
-
-    return bh(p)
 
 
 def _num(x) -> float | None:

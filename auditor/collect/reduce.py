@@ -14,7 +14,7 @@ the patch grid) so the top images' maps can be taken later, pooled to at most
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -65,18 +65,26 @@ def layer_kind(ndim: int) -> str:
     return {2: "linear", 3: "tokens", 4: "spatial"}.get(ndim, "unsupported")
 
 
-def normalise_reductions(reduction: str | Mapping[str, str], layers: list[str]) -> dict[str, str]:
-    if isinstance(reduction, str):
-        per = {name: reduction for name in layers}
+def per_layer(setting: str | Mapping[str, str], layers: list[str], key: str, default: str,
+              allowed: Iterable[str]) -> dict[str, str]:
+    """One value of ``key`` per audited layer: a single value for all, or a mapping (missing
+    layers get ``default``); a layer not audited or a value not in ``allowed`` is a ConfigError."""
+    allowed = list(allowed)
+    if isinstance(setting, str):
+        per = {name: setting for name in layers}
     else:
-        unknown = sorted(set(reduction) - set(layers))
+        unknown = sorted(set(setting) - set(layers))
         if unknown:
-            raise ConfigError(f"reduction given for {unknown}, which are not among the audited layers {layers}")
-        per = {name: reduction.get(name, "mean") for name in layers}
-    for name, red in per.items():
-        if red not in REDUCTIONS:
-            raise ConfigError(f"unknown reduction {red!r} for layer {name!r}; available: {sorted(REDUCTIONS)}")
+            raise ConfigError(f"{key} given for {unknown}, which are not among the audited layers {layers}")
+        per = {name: setting.get(name, default) for name in layers}
+    for name, value in per.items():
+        if value not in allowed:
+            raise ConfigError(f"unknown {key} {value!r} for layer {name!r}; expected one of {sorted(allowed)}")
     return per
+
+
+def normalise_reductions(reduction: str | Mapping[str, str], layers: list[str]) -> dict[str, str]:
+    return per_layer(reduction, layers, "reduction", "mean", REDUCTIONS)
 
 
 # -- reducing a layer's output ----------------------------------------------------------
@@ -146,18 +154,7 @@ def batch_axis(shape_a: tuple[int, ...], shape_b: tuple[int, ...], batch_a: int,
 
 
 def normalise_layouts(token_layout: str | Mapping[str, str], layers: list[str]) -> dict[str, str]:
-    if isinstance(token_layout, str):
-        per = {name: token_layout for name in layers}
-    else:
-        unknown = sorted(set(token_layout) - set(layers))
-        if unknown:
-            raise ConfigError(f"token_layout given for {unknown}, which are not among the audited layers {layers}")
-        per = {name: token_layout.get(name, "auto") for name in layers}
-    for name, lay in per.items():
-        if lay not in TOKEN_LAYOUTS:
-            raise ConfigError(f"unknown token_layout {lay!r} for layer {name!r}; expected one of "
-                              f"{list(TOKEN_LAYOUTS)}")
-    return per
+    return per_layer(token_layout, layers, "token_layout", "auto", TOKEN_LAYOUTS)
 
 
 # -- reducing a layer's output ----------------------------------------------------------------
