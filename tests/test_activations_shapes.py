@@ -5,19 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from auditor.collect import (REDUCTIONS, TensorImages, collect, patch_grid, reduce_output,
-                                 register_reduction)
+from auditor.collect import REDUCTIONS, patch_grid, reduce_output, register_reduction
 from auditor.errors import ConfigError, LayerError
+from helpers import collect_tensors
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
-
-def _collect(model, layers, images, **kw):
-    kw.setdefault("top_k", 3)
-    kw.setdefault("batch_size", 4)
-    return collect(model, layers, TensorImages(images), transform=None, transform_desc={}, model_hash="m",
-                   device="cpu", progress=False, **kw)
 
 
 def _outputs(model, layer, x):
@@ -50,7 +44,7 @@ def images():
 def test_vit_token_reductions(images, reduction):
     model = tiny_vit()
     layer = "encoder.layers.encoder_layer_1"
-    got = _collect(model, [layer], images, reduction=reduction).layers[layer]
+    got = collect_tensors(model, [layer], images, reduction=reduction).layers[layer]
     out = _outputs(model, layer, images)  # (B, 17, 16): CLS + 4×4 patches
     ref = {"cls": out[:, 0, :], "mean": out.mean(axis=1), "max": out.max(axis=1)}[reduction]
     assert got.kind == "tokens" and got.reduction == reduction
@@ -68,7 +62,7 @@ def test_vit_token_reductions(images, reduction):
 def test_linear_and_conv_in_one_pass(images):
     model = tiny_vit()
     layers = ["conv_proj", "heads.head", "encoder.layers.encoder_layer_0"]
-    got = _collect(model, layers, images, reduction={"encoder.layers.encoder_layer_0": "cls"}).layers
+    got = collect_tensors(model, layers, images, reduction={"encoder.layers.encoder_layer_0": "cls"}).layers
     conv = _outputs(model, "conv_proj", images)  # (B, 16, 4, 4)
     assert got["conv_proj"].kind == "spatial" and got["conv_proj"].reduction == "mean"
     assert np.allclose(got["conv_proj"].values, conv.mean(axis=(2, 3)), atol=1e-5)
@@ -85,14 +79,14 @@ def test_linear_and_conv_in_one_pass(images):
 
 def test_cls_on_a_conv_layer_is_refused(images):
     with pytest.raises(LayerError, match=r"reduction 'cls' does not apply to layer 'conv_proj'.*\['max', 'mean'\]"):
-        _collect(tiny_vit(), ["conv_proj"], images, reduction="cls")
+        collect_tensors(tiny_vit(), ["conv_proj"], images, reduction="cls")
 
 
 def test_reduction_mapping_is_validated(images):
     with pytest.raises(ConfigError, match="not among the audited layers"):
-        _collect(tiny_vit(), ["conv_proj"], images, reduction={"nope": "max"})
+        collect_tensors(tiny_vit(), ["conv_proj"], images, reduction={"nope": "max"})
     with pytest.raises(ConfigError, match="unknown reduction 'median'"):
-        _collect(tiny_vit(), ["conv_proj"], images, reduction="median")
+        collect_tensors(tiny_vit(), ["conv_proj"], images, reduction="median")
 
 
 class SeqFirst(nn.Module):
@@ -114,8 +108,8 @@ class SeqFirst(nn.Module):
 
 
 def test_sequence_first_tokens_are_turned_around(images):
-    a = _collect(SeqFirst(False), ["tokens"], images, reduction="max").layers["tokens"]
-    b = _collect(SeqFirst(True), ["tokens"], images, reduction="max").layers["tokens"]
+    a = collect_tensors(SeqFirst(False), ["tokens"], images, reduction="max").layers["tokens"]
+    b = collect_tensors(SeqFirst(True), ["tokens"], images, reduction="max").layers["tokens"]
     assert np.array_equal(a.values, b.values)
     assert np.array_equal(a.top_maps, b.top_maps)
     assert b.output_shape == (17, 6)
@@ -135,7 +129,7 @@ def test_patch_grid():
             return x.flatten(2)  # (B, 3, 32*32): 3 "tokens" of width 1024
 
     model = nn.Sequential(T(), nn.Identity())
-    got = _collect(model, ["1"], torch.rand(4, 3, 32, 32)).layers["1"]
+    got = collect_tensors(model, ["1"], torch.rand(4, 3, 32, 32)).layers["1"]
     assert got.kind == "tokens" and got.top_maps is None and got.values.shape == (4, 1024)
 
 
@@ -145,7 +139,7 @@ def test_registered_reduction_is_used(images):
         return x.abs().mean(dim=dim, dtype=torch.float32)
 
     try:
-        got = _collect(tiny_vit(), ["conv_proj"], images, reduction="absmean").layers["conv_proj"]
+        got = collect_tensors(tiny_vit(), ["conv_proj"], images, reduction="absmean").layers["conv_proj"]
         ref = np.abs(_outputs(tiny_vit(), "conv_proj", images)).mean(axis=(2, 3))
         assert np.allclose(got.values, ref, atol=1e-5)
     finally:
@@ -170,10 +164,10 @@ def test_vit_b_16_last_encoder_layer():
     layer = "encoder.layers.encoder_layer_11"
     out = _outputs(model, layer, x)
     assert out.shape == (3, 197, 768)
-    got = _collect(model, [layer], x, reduction="cls", top_k=2, batch_size=2).layers[layer]
+    got = collect_tensors(model, [layer], x, reduction="cls", top_k=2, batch_size=2).layers[layer]
     assert np.allclose(got.values, out[:, 0], atol=1e-4)
     assert got.top_maps.shape == (2, 768, 14, 14)
     best = got.top_index[0, 5]
     assert np.allclose(got.top_maps[0, 5], out[best, 1:, 5].reshape(14, 14), atol=1e-2, rtol=1e-2)
-    mean = _collect(model, [layer], x, reduction="mean", top_k=0, batch_size=3).layers[layer]
+    mean = collect_tensors(model, [layer], x, reduction="mean", top_k=0, batch_size=3).layers[layer]
     assert np.allclose(mean.values, out.mean(axis=1), atol=1e-4)

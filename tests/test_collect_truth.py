@@ -7,18 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from auditor.collect import TensorImages, collect
 from auditor.errors import LayerError, ModelError
+from helpers import collect_tensors
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
-
-def _collect(model, layers, images, **kw):
-    kw.setdefault("top_k", 3)
-    kw.setdefault("batch_size", 4)
-    return collect(model, layers, TensorImages(images), transform=None, transform_desc={}, model_hash="m",
-                   device="cpu", progress=False, **kw)
 
 
 def true_outputs(model, module_name, x):
@@ -58,8 +52,8 @@ def photos():
 
 def test_in_place_ops_after_a_layer_do_not_change_it(resnet, photos):
     layers = ["layer1.0.bn2", "layer2"]
-    one_pass = _collect(resnet, layers, photos, reduction="mean", batch_size=3).layers
-    mx = _collect(resnet, layers, photos, reduction="max", batch_size=3).layers
+    one_pass = collect_tensors(resnet, layers, photos, reduction="mean", batch_size=3).layers
+    mx = collect_tensors(resnet, layers, photos, reduction="max", batch_size=3).layers
     bn2 = true_outputs(resnet, "layer1.0.bn2", photos)[0]  # (6, 64, 16, 16)
     layer2 = true_outputs(resnet, "layer2", photos)[0]
     assert np.allclose(one_pass["layer1.0.bn2"].values, bn2.mean(axis=(2, 3)), atol=1e-5)
@@ -96,7 +90,7 @@ def test_linear_and_token_zero_values_are_copies():
             return y.clamp_(min=0)  # in place on the linear output
 
     x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
-    got = _collect(M().eval(), ["fc", "tok"], x, reduction={"tok": "cls"}, batch_size=4).layers
+    got = collect_tensors(M().eval(), ["fc", "tok"], x, reduction={"tok": "cls"}, batch_size=4).layers
     with torch.no_grad():
         ref = M().eval().fc(x.flatten(1)[:, :12]).numpy()
     assert ref.min() < 0
@@ -141,7 +135,7 @@ def test_sequence_first_tokens_with_batch_equal_to_token_count(n, batch, reducti
     x = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(n))  # 2×2 patches + CLS = 5 tokens
     ref = _reference_tokens(x, 8)
     assert ref.shape == (n, 5, 8)
-    got = _collect(Tokens(8).eval(), ["out"], x, reduction=reduction, batch_size=batch, top_k=2).layers["out"]
+    got = collect_tensors(Tokens(8).eval(), ["out"], x, reduction=reduction, batch_size=batch, top_k=2).layers["out"]
     want = {"mean": ref.mean(axis=1), "max": ref.max(axis=1), "cls": ref[:, 0]}[reduction]
     assert got.layout == "sequence_first" and got.output_shape == (5, 8)
     assert np.allclose(got.values, want, atol=1e-5)
@@ -157,16 +151,16 @@ def test_clip_like_50_tokens_with_batches_of_50():
     x = torch.rand(130, 3, 28, 28, generator=torch.Generator().manual_seed(3))
     ref = _reference_tokens(x, 4)
     assert ref.shape[1] == 50
-    got = _collect(Tokens(4).eval(), ["out"], x, reduction="mean", batch_size=80, top_k=1).layers["out"]
+    got = collect_tensors(Tokens(4).eval(), ["out"], x, reduction="mean", batch_size=80, top_k=1).layers["out"]
     assert np.allclose(got.values, ref.mean(axis=1), atol=1e-5)
-    got = _collect(Tokens(4).eval(), ["out"], x[:100], reduction="cls", batch_size=50, top_k=1).layers["out"]
+    got = collect_tensors(Tokens(4).eval(), ["out"], x[:100], reduction="cls", batch_size=50, top_k=1).layers["out"]
     assert np.allclose(got.values, ref[:100, 0], atol=1e-5)
 
 
 def test_batch_first_tokens_with_batch_equal_to_token_count():
     x = torch.rand(10, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     ref = _reference_tokens(x, 8)
-    got = _collect(Tokens(8, seq_first=False).eval(), ["out"], x, reduction="max", batch_size=5).layers["out"]
+    got = collect_tensors(Tokens(8, seq_first=False).eval(), ["out"], x, reduction="max", batch_size=5).layers["out"]
     assert got.layout == "batch_first"
     assert np.allclose(got.values, ref.max(axis=1), atol=1e-5)
 
@@ -174,13 +168,13 @@ def test_batch_first_tokens_with_batch_equal_to_token_count():
 def test_token_layout_setting_is_used_and_checked():
     x = torch.rand(7, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     ref = _reference_tokens(x, 8)
-    got = _collect(Tokens(8).eval(), ["out"], x, reduction="mean", token_layout="sequence_first", batch_size=5)
+    got = collect_tensors(Tokens(8).eval(), ["out"], x, reduction="mean", token_layout="sequence_first", batch_size=5)
     assert np.allclose(got.layers["out"].values, ref.mean(axis=1), atol=1e-5)
     with pytest.raises(LayerError, match="gave 5 rows for a batch of 3 images.*token_layout"):
-        _collect(Tokens(8).eval(), ["out"], x, reduction="mean", token_layout="batch_first", batch_size=3)
+        collect_tensors(Tokens(8).eval(), ["out"], x, reduction="mean", token_layout="batch_first", batch_size=3)
     from auditor.errors import ConfigError
     with pytest.raises(ConfigError, match="unknown token_layout 'tbd'"):
-        _collect(Tokens(8).eval(), ["out"], x, token_layout="tbd")
+        collect_tensors(Tokens(8).eval(), ["out"], x, token_layout="tbd")
 
 
 # -- a module called more than once -------------------------------------------------------------
@@ -191,7 +185,7 @@ def test_reused_module_calls_are_separate_layers(resnet, photos):
     from auditor.errors import AuditorWarning
 
     with pytest.warns(AuditorWarning, match=r"'layer4.1.relu' runs 2 times.*layer4.1.relu_1") as caught:
-        got = _collect(resnet, ["layer4.1.relu", "layer4.1.relu_1", "layer4.1"], photos, reduction="mean")
+        got = collect_tensors(resnet, ["layer4.1.relu", "layer4.1.relu_1", "layer4.1"], photos, reduction="mean")
     assert len([w for w in caught if issubclass(w.category, AuditorWarning)]) == 1
     calls = true_outputs(resnet, "layer4.1.relu", photos)
     assert len(calls) == 2
@@ -213,18 +207,18 @@ def test_reused_module_calls_are_separate_layers(resnet, photos):
 
 def test_reused_module_warning_survives_the_cache(resnet, photos, tmp_path):
     with pytest.warns(UserWarning, match="runs 2 times"):
-        first = _collect(resnet, ["layer1.0.relu"], photos[:3], cache_dir=tmp_path)
+        first = collect_tensors(resnet, ["layer1.0.relu"], photos[:3], cache_dir=tmp_path)
     with pytest.warns(UserWarning, match="runs 2 times"):
-        again = _collect(resnet, ["layer1.0.relu"], photos[:3], cache_dir=tmp_path)
+        again = collect_tensors(resnet, ["layer1.0.relu"], photos[:3], cache_dir=tmp_path)
     assert again.cache["status"] == "hit"
     assert first.warnings == again.warnings and len(again.warnings) == 1
 
 
 def test_a_call_beyond_the_last_is_an_error(resnet, photos):
     with pytest.raises(LayerError, match=r"call 3 of module 'layer4.1.relu', which runs 2 time\(s\).*layer4.1.relu_1"):
-        _collect(resnet, ["layer4.1.relu_2"], photos[:2])
+        collect_tensors(resnet, ["layer4.1.relu_2"], photos[:2])
     with pytest.raises(LayerError, match="no layer 'layer4.1.relux_1'"):
-        _collect(resnet, ["layer4.1.relux_1"], photos[:2])
+        collect_tensors(resnet, ["layer4.1.relux_1"], photos[:2])
 
 
 def test_layers_command_marks_reused_modules_and_filters(capsys):
@@ -260,7 +254,7 @@ def test_torchscript_model_layers_are_refused_with_one_line(tmp_path, how):
     torch.jit.save(ts, path)
     loaded = load_model(str(path)).module
     with pytest.raises(ModelError) as exc:
-        _collect(loaded, ["act"], torch.rand(4, 3, 8, 8))
+        collect_tensors(loaded, ["act"], torch.rand(4, 3, 8, 8))
     msg = str(exc.value)
     assert "\n" not in msg and "TorchScript" in msg and "pass the eager model" in msg
 
@@ -272,7 +266,7 @@ def test_a_torchscript_submodule_called_from_eager_code_is_captured(how):
     ref = true_outputs(m, "act", x)[0].mean(axis=(2, 3))
     sub = torch.jit.script(m.act) if how == "script" else torch.jit.trace(m.act, torch.rand(1, 4, 8, 8))
     m.act = sub
-    got = _collect(m, ["act", "conv"], x, batch_size=4).layers
+    got = collect_tensors(m, ["act", "conv"], x, batch_size=4).layers
     assert np.allclose(got["act"].values, ref, atol=1e-6)
     assert m.act is sub and not any(k.startswith("act") for k in dict(m.named_modules()) if k != "act")
 

@@ -18,20 +18,13 @@ import auditor
 from auditor.cli import main
 from auditor.compare import correlation_matrix, impact_delta, match_by_activations
 from auditor.errors import ConfigError
+from helpers import NO_TORCH
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
-from colour_model import ColourNet  # noqa: E402
+from colour_model import ColourNet, no_stamp  # noqa: E402
 
 PERM = [3, 2, 0, 1]  # new channel j is old channel PERM[j]; the stamp detector (old 2) becomes new 1
 
-
-def no_stamp() -> ColourNet:
-    """The shortcut trained out: channel 2 becomes a second red detector."""
-    m = ColourNet()
-    with torch.no_grad():
-        m.conv.weight[2] = m.conv.weight[0]
-        m.conv.bias[2] = m.conv.bias[0]
-    return m
 
 
 def permuted() -> ColourNet:
@@ -173,12 +166,7 @@ def test_compare_history_and_notebook_view_run_without_torch(audits, tmp_path):
     """compare, history and the Jupyter view work from saved results alone: torch blocked."""
     import subprocess
 
-    code = ("import sys, importlib.abc\n"
-            "class NoTorch(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path, target=None):\n"
-            "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
-            "            raise ModuleNotFoundError(f'No module named {name!r} (blocked by the test)')\n"
-            "sys.meta_path.insert(0, NoTorch())\n"
+    code = (NO_TORCH +
             "import auditor\n"
             "from auditor.cli import main\n"
             "from auditor.history import History\n"

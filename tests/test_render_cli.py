@@ -8,18 +8,14 @@ import pytest
 from auditor.results import AuditResult
 
 from report_fixtures import make_result
+from helpers import NO_TORCH
 
 
 @pytest.mark.slow
 def test_render_without_torch(tmp_path):
     results = tmp_path / "results.json"
     make_result(n_neurons=16).save(results)
-    code = ("import sys, importlib.abc\n"
-            "class NoTorch(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path, target=None):\n"
-            "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
-            "            raise ModuleNotFoundError(f'No module named {name!r} (blocked by the test)')\n"
-            "sys.meta_path.insert(0, NoTorch())\n"
+    code = (NO_TORCH +
             "from auditor.cli import main\n"
             "sys.exit(main(['render', sys.argv[1], '--out', sys.argv[2]]))\n")
     out = tmp_path / "out"

@@ -24,15 +24,8 @@ from auditor.watch import is_complete, list_checkpoints
 
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA))
-from colour_model import ColourNet  # noqa: E402
+from colour_model import ColourNet, no_stamp  # noqa: E402
 
-
-def no_stamp() -> ColourNet:
-    m = ColourNet()
-    with torch.no_grad():
-        m.conv.weight[2] = m.conv.weight[0]
-        m.conv.bias[2] = m.conv.bias[0]
-    return m
 
 
 def _pt_bytes(model) -> bytes:
