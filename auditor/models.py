@@ -64,17 +64,18 @@ class LoadedModel:
     n_parameters: int
     info: dict[str, Any] = field(default_factory=dict)
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self, state_sha256: str | None = None) -> dict[str, Any]:
         """What identifies the model in the report: ``sha256`` is never empty.
 
         With a weights (or TorchScript) file it is that file's sha256; for a named
         architecture or a callable without a weights file it is
-        :func:`state_dict_sha256` of the module as loaded (``sha256_of`` says which).
+        :func:`state_dict_sha256` of the module as loaded (``sha256_of`` says which);
+        ``state_sha256`` passes that digest when the caller already has it.
         """
         if self.file_sha256:
             digest, of = self.file_sha256, "weights file" if self.weights else "TorchScript file"
         else:
-            digest, of = state_dict_sha256(self.module), "state_dict tensors"
+            digest, of = state_sha256 or state_dict_sha256(self.module), "state_dict tensors"
         return {"spec": self.spec, "kind": self.kind, "weights": self.weights,
                 "weights_sha256": self.file_sha256, "n_parameters": self.n_parameters,
                 "sha256": digest, "sha256_of": of, "parameters": self.n_parameters,

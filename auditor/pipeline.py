@@ -313,7 +313,7 @@ def run_audit(cfg: AuditConfig, *, log: Log = _stderr, progress: bool = True, mo
     timings["total_s"] = time.perf_counter() - t_all
 
     provenance: dict[str, Any] = {
-        "model": loaded.provenance(),
+        "model": loaded.provenance(state_sha256=model_hash),  # the weights are hashed once
         "layers": layers,
         # how each layer was captured: output kind, where it held the batch, how often its module runs
         "capture": {name: {"kind": la.kind, "layout": la.layout, "module_calls": la.calls}

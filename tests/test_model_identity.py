@@ -46,3 +46,18 @@ def test_provenance_names_the_hash_and_counts_parameters(tmp_path):
     with_file = load_model("resnet18", str(path)).provenance()
     assert with_file["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert with_file["sha256_of"] == "weights file"
+
+
+def test_cache_key_weights_digest_is_the_page_one_digest():
+    """The activation cache keys the weights with the same canonical digest page 1 shows, so an audit
+    hashes the weights once (the pipeline passes it to provenance)."""
+    import torch
+
+    from auditor.collect import state_hash
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert state_hash(m) == state_dict_sha256(m)
+    loaded = load_model("resnet18")
+    given = state_hash(loaded.module)
+    assert loaded.provenance(state_sha256=given)["sha256"] == given == loaded.provenance()["sha256"]

@@ -28,15 +28,11 @@ CACHE_FORMAT = 4  # 3: outputs reduced inside the hook, token layout measured on
                   # 4: chunks stamped with their key and rows, committed arrays with sha256
 
 def state_hash(model: nn.Module) -> str:
-    """sha256 of the model's parameters and buffers (names, shapes, bytes)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+    """sha256 of the model's parameters and buffers: :func:`auditor.models.state_dict_sha256` (names
+    sorted, dtypes, shapes, bytes) -- the same digest page 1 shows for a model without a weights file."""
+    from ..models import state_dict_sha256
+
+    return state_dict_sha256(model)
 
 
 def architecture_hash(model: nn.Module) -> str:
